@@ -1,0 +1,147 @@
+"""Megatron-core GPT models: process groups, construction from a `ModelArch`, forward helpers.
+
+The same builder serves CPU (local layer spec, fp32, gloo) and GPU (transformer-engine spec,
+bf16, NCCL); only `distillscale.compat.cpu` knows the difference.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distillscale.compat.cpu import apply_cpu_shims, cuda_available
+from distillscale.config import ModelArch
+
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 0) -> None:
+    """Initialise torch.distributed and Megatron's parallel state once per process.
+
+    Under srun/torchrun the usual RANK / WORLD_SIZE / MASTER_ADDR variables are used; a plain
+    single process gets a world of one over a file store (no port to collide with).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mtp_random
+
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        backend = "nccl" if cuda_available() else "gloo"
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            store = Path(tempfile.mkdtemp(prefix="distillscale-pg-")) / "store"
+            dist.init_process_group(
+                backend=backend, init_method=f"file://{store}", rank=0, world_size=1
+            )
+        if cuda_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+        )
+    mtp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_parallel: int = 1):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = cuda_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=False,
+        bf16=on_gpu,
+        params_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        # Every fusion off on CPU: each needs a CUDA kernel (megatron-core 0.19).
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+    )
+
+
+def layer_spec():
+    if cuda_available():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1):
+    """A fresh Megatron-core GPTModel of this shape (Llama-style)."""
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = transformer_config(arch, tensor_parallel, pipeline_parallel)
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=arch.seq_length,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rotary_base),
+    )
+    if cuda_available():
+        model = model.cuda()
+    return model
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Megatron's boolean mask convention: True = masked. Always passed explicitly, since with
+    `attention_mask=None` megatron-core 0.19 builds one on "cuda"."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), 1)
+
+
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] token ids -> [batch, seq, vocab] logits (gathered over TP)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    logits = model(tokens, pos, causal_mask(s, tokens.device))
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def arch_params(arch: ModelArch, vocab_size: int) -> int:
+    """Parameter count of a Llama-style model of this shape (matches `count_params`)."""
+    h, f, L = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers
+    d = arch.head_dim
+    attn = h * d * (arch.num_attention_heads + 2 * arch.num_query_groups) + arch.num_attention_heads * d * h
+    mlp = 2 * h * f + f * h
+    norms = 2 * h
+    emb = vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    return L * (attn + mlp + norms) + emb + h
