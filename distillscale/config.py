@@ -144,14 +144,15 @@ class StudentTarget(Strict):
 
 
 class PruneConfig(Strict):
-    schedule: Literal["one_shot", "uniform", "decayed"] = "one_shot"
+    # Iterative `uniform` / `decayed` schedules come with the prune/distill recipe.
+    schedule: Literal["one_shot"] = "one_shot"
     calibration_samples: Annotated[int, Field(gt=0)] = 64
     hidden_size_divisor: Annotated[int, Field(gt=0)] = 16
     ffn_hidden_size_divisor: Annotated[int, Field(gt=0)] = 32
 
 
 class LossConfig(Strict):
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kind: Literal["forward_kl", "reverse_kl"] = "forward_kl"
     temperature: Annotated[float, Field(gt=0)] = 1.0
     # Weight of the KL term against the CE anchor on gold answer tokens (blended CoT).
     alpha: Annotated[float, Field(ge=0, le=1)] = 1.0
@@ -159,8 +160,9 @@ class LossConfig(Strict):
 
 
 class DistillConfig(Strict):
-    method: Literal["logit_kd", "lora_kd"] = "logit_kd"
-    supervision: Literal["label", "cot_short", "cot_long", "blended_cot"] = "label"
+    method: Literal["logit_kd"] = "logit_kd"
+    # CoT formats (`cot_short`, `cot_long`, `blended_cot`) need the teacher-supervision stage.
+    supervision: Literal["label"] = "label"
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=1e-3, min_lr=1e-4)
 
@@ -279,7 +281,8 @@ def _read_yaml(path: Path) -> dict:
 def _merge(dst: dict, src: dict, origin: str, prov: dict, prefix: tuple = ()) -> None:
     for key, value in src.items():
         path = prefix + (str(key),)
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(dst.get(key, {}), dict):
+            dst.setdefault(key, {})
             _merge(dst[key], value, origin, prov, path)
         else:
             dst[key] = value
@@ -376,11 +379,9 @@ def _origin(loc: tuple, prov: dict, default: Path) -> str:
     for n in range(len(loc), 0, -1):
         if loc[:n] in prov:
             return prov[loc[:n]]
-    # A missing required key or a model-level check: the file that set its parent section.
-    for p, origin in prov.items():
-        if p[: len(loc)] == loc:
-            return origin
-    return str(default)
+    # A missing key or a check across keys of a section: every file that set keys below it.
+    origins = sorted({o for p, o in prov.items() if p[: len(loc)] == loc})
+    return " + ".join(origins) if origins else str(default)
 
 
 def _format_validation_error(e: ValidationError, prov: dict, top: Path) -> str:

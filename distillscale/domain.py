@@ -25,9 +25,11 @@ class EventClass(BaseModel):
 
 
 class RangeSlot(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    int: tuple[int, int] | None = None
-    float: tuple[float, float] | None = None
+    """`{int: [lo, hi]}` or `{float: [lo, hi]}`: a number drawn uniformly from the range."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    int_range: tuple[int, int] | None = Field(None, alias="int")
+    float_range: tuple[float, float] | None = Field(None, alias="float")
 
 
 class Taxonomy(BaseModel):

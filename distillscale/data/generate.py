@@ -38,9 +38,9 @@ def class_counts(
 
 def _fill(slot: str, spec, rng: np.random.Generator) -> str:
     if isinstance(spec, RangeSlot):
-        if spec.int is not None:
-            return str(int(rng.integers(spec.int[0], spec.int[1] + 1)))
-        return f"{rng.uniform(*spec.float):.2f}"
+        if spec.int_range is not None:
+            return str(int(rng.integers(spec.int_range[0], spec.int_range[1] + 1)))
+        return f"{rng.uniform(*spec.float_range):.2f}"
     return str(spec[int(rng.integers(len(spec)))])
 
 

@@ -1,0 +1,64 @@
+# distillscale: CPU set-up and checks. GPU runs use the NGC NeMo container (see Dockerfile).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Python 3.12 on PATH, else through pyenv; the project's version set needs exactly 3.12.
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := -c constraints/cpu.txt -c constraints/lock-cpu.txt
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export NEMO_TELEMETRY_ENABLED := false
+
+.PHONY: help install dev quickstart test test-fast lint lock clean
+
+help:
+	@echo "make quickstart   create .venv, install the pinned CPU stack, run conf/experiments/quickstart.yaml"
+	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
+	@echo "make test-fast    unit tests only"
+
+$(PY):
+	@if [ -z "$(PYTHON312)" ]; then \
+	  echo "error: Python 3.12 not found. Install it (e.g. 'pyenv install 3.12' or your OS package"; \
+	  echo "       'python3.12 python3.12-venv') or run: make PYTHON312=/path/to/python3.12 ..."; exit 1; fi
+	$(PYTHON312) -m venv $(VENV)
+	# The bundled pip (23.x) silently drops nemo-curator's `text_cpu` extra: upgrade first.
+	$(PIP) install -q -U pip
+
+$(STAMP): $(PY) pyproject.toml constraints/cpu.txt constraints/lock-cpu.txt
+	$(PIP) install $(CONSTRAINTS) -e '.[data,eval]'
+	# Megatron-Bridge 0.6.2 declares GPU-only build deps (transformer-engine, fast-hadamard-
+	# transform); install it without them. Its pure-Python needs are in pyproject.toml.
+	$(PIP) install $(CONSTRAINTS) --no-deps megatron-bridge
+	@touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install $(CONSTRAINTS) -e '.[data,eval,dev]'
+	@touch $@
+
+install: $(STAMP)
+dev: $(DEV_STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/distillscale run conf/experiments/quickstart.yaml
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q --timeout=1800
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check distillscale tests tools recipes
+
+# Re-resolve the version set (after changing pyproject.toml) and record it.
+lock: $(STAMP)
+	{ echo "# Resolved CPU version set; regenerate with 'make lock'."; \
+	  $(PIP) freeze --exclude-editable | grep -v '^distillscale'; } > constraints/lock-cpu.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,114 @@
+"""One training loop for every stage that updates weights (teacher training, distillation).
+
+Resumable: a checkpoint (weights, optimizer, step) is written atomically every
+`checkpoint_every` steps and picked up on restart; batches are a pure function of (seed, step),
+so a resumed run sees exactly the batches the killed one would have. A non-finite loss stops the
+run with the step number, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from distillscale.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to `min_lr` (the Megatron default schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(n, size=min(batch_size, n), replace=False)
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+         "history": history},
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def train(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[np.ndarray, int], tuple[torch.Tensor, dict]],
+    num_examples: int,
+    cfg: TrainConfig,
+    seed: int,
+    checkpoint: Path,
+    desc: str,
+    eval_fn: Callable[[int], dict] | None = None,
+) -> TrainResult:
+    """Minimise `loss_fn(batch_indices, step)` over `cfg.steps` steps with AdamW."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    model.train()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+    ) as progress:
+        task = progress.add_task(desc, total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            idx = batch_indices(num_examples, cfg.batch_size, seed, step)
+            loss, logs = loss_fn(idx, step)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{desc}: non-finite loss ({loss.item()}) at step {step}; last good "
+                    f"checkpoint kept at {checkpoint if checkpoint.is_file() else '(none yet)'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rec = {"step": done, "loss": float(loss.detach()), **logs}
+                if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    model.eval()
+                    rec.update(eval_fn(done))
+                    model.train()
+                history.append(rec)
+                progress.update(task, info=" ".join(
+                    f"{k}={v:.4g}" for k, v in rec.items() if k != "step" and isinstance(v, float)
+                ))
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                _save_checkpoint(checkpoint, model, optimizer, done, history)
+            progress.update(task, completed=done)
+    model.eval()
+    return TrainResult(steps=cfg.steps, resumed_from=start, history=history)

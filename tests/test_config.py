@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from distillscale.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "conf/experiments/quickstart.yaml"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: t
+teacher:
+  arch: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 128, num_attention_heads: 4,
+         num_query_groups: 2}
+"""
+
+
+def test_quickstart_loads_and_composes_defaults(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(QUICKSTART)
+    assert cfg.teacher.arch.num_layers == 4  # from conf/models/tiny.yaml via defaults
+    assert {s.axis for s in cfg.students} == {"width", "depth"}
+
+
+def test_override_sets_nested_and_list_values(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(QUICKSTART, ["teacher.train.steps=7", "students.1.compression_ratio=0.3"])
+    assert cfg.teacher.train.steps == 7
+    assert cfg.students[1].compression_ratio == 0.3
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "bad.yaml", BASE + "distill:\n  temprature: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "distill.temprature" in msg and "unknown key" in msg
+    assert "\n" not in msg
+
+
+def test_wrong_type_from_command_line(tmp_path):
+    p = write(tmp_path, "ok.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"^command line: teacher\.train\.steps: .*integer"):
+        load_config(p, ["teacher.train.steps=lots"])
+
+
+@pytest.mark.parametrize(
+    "extra, key, text",
+    [
+        ("students: [{name: s, axis: width, compression_ratio: 1.0}]",
+         "students.0.compression_ratio", "less than 1"),
+        ("students: [{name: s, axis: width, shape: {num_attention_heads: 3}}]",
+         "students", "multiple of the teacher's num_query_groups"),
+        ("students: [{name: s, axis: depth, shape: {num_layers: 5}}]",
+         "students", "larger than the teacher"),
+        ("students: [{name: s, axis: depth, compression_ratio: 0.5, shape: {num_layers: 1}}]",
+         "students.0", "exactly one of"),
+        ("launch: {tensor_parallel: 4}", "<top>", "must divide"),
+    ],
+)
+def test_impossible_values_rejected(tmp_path, extra, key, text):
+    p = write(tmp_path, "x.yaml", BASE + extra + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(str(p).split("/")[-1]) or "x.yaml" in str(e.value)
+    assert key in str(e.value) and text in str(e.value)
+
+
+def test_heads_not_multiple_of_groups_names_the_defining_file(tmp_path):
+    write(tmp_path, "model.yaml", "teacher:\n  arch: {num_layers: 2, hidden_size: 60, "
+          "ffn_hidden_size: 64, num_attention_heads: 3, num_query_groups: 2}\n")
+    p = write(tmp_path, "exp.yaml", "defaults: [model.yaml]\nname: t\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "model.yaml" in str(e.value) and "teacher.arch" in str(e.value)
+    assert "exp.yaml" not in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "broken.yaml", "name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: not valid YAML"):
+        load_config(p)
+
+
+def test_bad_override_syntax(tmp_path):
+    p = write(tmp_path, "ok.yaml", BASE)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(p, ["teacher.train.steps"])
+
+
+def test_section_hash_tracks_only_its_sections(tmp_path):
+    p = write(tmp_path, "ok.yaml", BASE)
+    a = load_config(p)
+    b = load_config(p, ["distill.train.steps=3"])
+    assert a.section_hash("teacher") == b.section_hash("teacher")
+    assert a.section_hash("distill") != b.section_hash("distill")
