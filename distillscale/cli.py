@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from distillscale.config import ConfigError, load_config
 
@@ -17,6 +21,10 @@ def _offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Megatron-Bridge 0.6 logs a full traceback at INFO for every optional TE symbol it probes.
+    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +76,10 @@ def _data_command(args) -> int:
         inputs = {"taxonomy": args.domain}
     try:
         dcfg = DataConfig(**fields)
-    except Exception as e:  # pydantic ValidationError -> one line per key
-        raise ConfigError(f"command line: data: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"command line: data.{key}: {err['msg']}") from None
     taxonomy = load_taxonomy(args.domain)
     h = f"{dcfg.model_dump_json()}:{args.seed}"
     with atomic_stage(args.out, "data", h, inputs) as out:

@@ -217,9 +217,9 @@ class ExperimentConfig(Strict):
                 err = _shape_error(arch, s.shape)
                 if err:
                     raise ValueError(f"students.{i}.shape: {err}")
-        if self.launch.tensor_parallel > 1 and arch is not None:
-            if arch.num_query_groups % self.launch.tensor_parallel:
-                raise ValueError(
+        tp = self.launch.tensor_parallel
+        if tp > 1 and arch is not None and arch.num_query_groups % tp:
+            raise ValueError(
                     f"launch.tensor_parallel ({self.launch.tensor_parallel}) must divide "
                     f"teacher.arch.num_query_groups ({arch.num_query_groups})"
                 )

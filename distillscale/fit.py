@@ -63,5 +63,5 @@ def fit_results(long, metrics: list[str], forms: list[str]) -> list[dict]:
             out.append({"metric": metric, "x": "compression_ratio",
                         "group": {"method": str(sub["method"].iloc[-1]),
                                   "supervision": str(sub["supervision"].iloc[-1])},
-                        "n_points": int(len(x)), **res})
+                        "n_points": len(x), **res})
     return out

@@ -13,10 +13,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = (
@@ -96,9 +97,9 @@ def atomic_stage(
     from); the previous finished output, if any, stays intact until the new one is complete.
     """
     folder = Path(folder)
+    hashes = {k: input_hash(v) for k, v in inputs.items()}
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    hashes = {k: input_hash(v) for k, v in inputs.items()}
     out = StageOutput(tmp)
     start = time.time()
     yield out

@@ -210,7 +210,7 @@ def run_prune(cfg: ExperimentConfig, student: StudentTarget) -> Path:
 
     _setup(cfg)
     teacher, arch, vocab = load_model(p.teacher)
-    encoder, tok = _encoder(cfg, p.teacher, arch.seq_length)
+    encoder, _tok = _encoder(cfg, p.teacher, arch.seq_length)
     calib = load_split(p.data, "train")[: cfg.prune.calibration_samples]
     if student.compression_ratio is not None:
         target, predicted = choose_shape(
@@ -360,7 +360,7 @@ def run_eval(cfg: ExperimentConfig) -> Path:
     return p.eval
 
 
-def wide_results(long) -> "pd.DataFrame":  # noqa: F821
+def wide_results(long) -> pd.DataFrame:  # noqa: F821
     """One row per model: the convenience view `results.csv`."""
     keys = ["model", "params", "compression_ratio", "axis", "stage", "num_layers",
             "hidden_size", "ffn_hidden_size", "num_attention_heads"]

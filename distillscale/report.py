@@ -7,9 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from distillscale.manifest import write_text_atomic  # noqa: E402
+from distillscale.manifest import write_text_atomic
+
 
 def plot_metric(wide, metric: str, chance: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -73,11 +74,11 @@ def write_report(cfg, wide, extra: dict, root: Path, fits: list | None) -> None:
     parts = [
         f"# {cfg.name}: compression report",
         "",
-        f"Teacher and students on the `{cfg.eval.split}` split ({k} classes, chance ≈ {1 / k:.3f}). "
+        (f"Teacher and students on the `{cfg.eval.split}` split ({k} classes, chance ≈ {1 / k:.3f}). "
         f"Students are pruned with ModelOpt Minitron ({cfg.prune.schedule}) and recovered with "
         f"`{cfg.distill.method}` on `{cfg.distill.supervision}` supervision "
         f"({cfg.distill.loss.kind}, T={cfg.distill.loss.temperature}, alpha={cfg.distill.loss.alpha}). "
-        "CIs are percentile bootstrap (95%).",
+        "CIs are percentile bootstrap (95%)."),
         "",
         _table(wide, extra),
         "",

@@ -26,10 +26,9 @@ def test_killed_stage_keeps_previous_output(tmp_path):
     out = tmp_path / "stage"
     with atomic_stage(out, "demo", "h1", {}) as o:
         (o.path / "result.txt").write_text("first")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_stage(out, "demo", "h2", {}) as o:
-            (o.path / "result.txt").write_text("partial")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_stage(out, "demo", "h2", {}) as o:
+        (o.path / "result.txt").write_text("partial")
+        raise KeyboardInterrupt
     assert (out / "result.txt").read_text() == "first"
     assert json.loads((out / "manifest.json").read_text())["config_hash"] == "h1"
     # The partial work stays in the temp folder for the stage to resume from.

@@ -9,6 +9,7 @@ library internals.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import sys
 import types
 
@@ -27,6 +28,10 @@ def apply_cpu_shims() -> None:
         return
     _patch_current_device()
     _patch_rng_tracker()
+    # Before any ModelOpt import: ModelOpt 0.47 registers its Megatron plugins (Minitron,
+    # distillation) only if `import transformer_engine` succeeds at its own import time, and
+    # silently skips them otherwise (`mtp.mcore_minitron` then does not exist).
+    install_transformer_engine_stub()
     _APPLIED.add("core")
 
 
@@ -106,6 +111,17 @@ def _patch_rng_tracker() -> None:
     tp.model_parallel_cuda_manual_seed = _manual_seed
 
 
+def _stub_module(name: str) -> types.ModuleType:
+    # A real `__spec__`: with None, `importlib.util.find_spec("transformer_engine")` raises
+    # ValueError, which transformers 5.12's availability checks (`from transformers import
+    # Trainer`) and so ModelOpt 0.47's HF plugins do not catch.
+    mod = types.ModuleType(name)
+    mod.__path__ = []  # type: ignore[attr-defined]
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    sys.modules[name] = mod
+    return mod
+
+
 def install_transformer_engine_stub() -> None:
     """Import-only stand-in for transformer-engine, for ModelOpt 0.47's Megatron plugins.
 
@@ -118,18 +134,20 @@ def install_transformer_engine_stub() -> None:
     """
     if cuda_available() or "te_stub" in _APPLIED:
         return
-    import megatron.core.extensions.transformer_engine as mte  # noqa: F401  (must come first)
+    import megatron.core.extensions.transformer_engine as mte
 
     if "transformer_engine" not in sys.modules:
-        te = types.ModuleType("transformer_engine")
-        te.__path__ = []  # type: ignore[attr-defined]
+        te = _stub_module("transformer_engine")
         te.__version__ = "0.0.0+cpu-stub"
-        te_pt = types.ModuleType("transformer_engine.pytorch")
+        te_pt = _stub_module("transformer_engine.pytorch")
         for name in ("LayerNorm", "RMSNorm", "Linear", "LayerNormLinear"):
             setattr(te_pt, name, type(name, (torch.nn.Module,), {"__module__": te_pt.__name__}))
+        # Megatron-Bridge 0.6.2 `peft/lora_layers.py` names `te.ops.Sequential` in annotations
+        # evaluated at class definition, reached by `import megatron.bridge`.
+        ops = _stub_module("transformer_engine.pytorch.ops")
+        ops.Sequential = type("Sequential", (torch.nn.Module,), {"__module__": ops.__name__})
+        te_pt.ops = ops  # type: ignore[attr-defined]
         te.pytorch = te_pt  # type: ignore[attr-defined]
-        sys.modules["transformer_engine"] = te
-        sys.modules["transformer_engine.pytorch"] = te_pt
     for name in (
         "TEColumnParallelGroupedLinear",
         "TEColumnParallelLinear",
@@ -143,3 +161,241 @@ def install_transformer_engine_stub() -> None:
         if not (isinstance(current, type) and issubclass(current, torch.nn.Module)):
             setattr(mte, name, type(name, (torch.nn.Module,), {"__module__": mte.__name__}))
     _APPLIED.add("te_stub")
+
+
+# =============================================================================================
+# BEGIN ModelOpt Minitron pruning on CPU (local layer spec) -- used by distillscale.prune
+# =============================================================================================
+#
+# ModelOpt 0.47's `mcore_minitron` mode prunes megatron-core GPT models built with the
+# transformer-engine layer spec. On CPU the model is built with the *local* spec (torch RMSNorm,
+# DotProductAttention, Column/RowParallelLinear with separate layernorms), which 0.47 does not
+# handle. The adapters below only register / subclass ModelOpt's own dynamic modules; the
+# importance estimation, sorting, layer ranking and slicing logic all stay ModelOpt's.
+
+
+def apply_modelopt_cpu_shims() -> None:
+    """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel on CPU (idempotent).
+
+    No-op when CUDA is available: the GPU path builds the TE spec, which ModelOpt supports as is.
+    """
+    if cuda_available() or "modelopt_prune" in _APPLIED:
+        return
+    apply_cpu_shims()
+    install_transformer_engine_stub()  # must precede the ModelOpt Megatron plugin import
+    from modelopt.torch.prune.plugins import mcore_minitron
+
+    _register_dynamic_torch_rmsnorm()
+    _register_dynamic_local_self_attention()
+    _adapt_hidden_size_hooks_to_local_spec(mcore_minitron)
+    _make_layer_drop_cpu_safe(mcore_minitron)
+    _APPLIED.add("modelopt_prune")
+
+
+def _convert_to(dm_cls: type, module: torch.nn.Module, **setup_kwargs):
+    """Convert `module` in place into `dm_cls` mixed over its own class (what ModelOpt's DMRegistry
+    generates for registered classes), for modules ModelOpt converts without the registry."""
+    cls = type(f"{dm_cls.__name__}_{type(module).__name__}", (dm_cls, type(module)), {})
+    return cls.convert(module, **setup_kwargs)
+
+
+def _register_dynamic_torch_rmsnorm() -> None:
+    # ModelOpt 0.47 converts every TransformerLayer layernorm that is not an IdentityOp, and the
+    # final layernorm, through DMRegistry. The local spec builds `torch.nn.RMSNorm`, which has no
+    # registered dynamic module (KeyError). Reuse ModelOpt's TE-norm dynamic module (weight sliced
+    # by the shared hidden_size hparam) and make `normalized_shape` dynamic too, since
+    # F.rms_norm checks it against the input width.
+    from modelopt.torch.nas.modules.norm import _DynamicLayerNorm
+    from modelopt.torch.nas.plugins.megatron import _DynamicTENorm
+    from modelopt.torch.nas.registry import DMRegistry
+
+    if DMRegistry.get(torch.nn.RMSNorm) is not None:
+        return
+
+    class _DynamicTorchRMSNorm(_DynamicTENorm):
+        def _setup(self, *, num_features):
+            super()._setup(num_features=num_features)
+            self._register_dynamic_attribute(
+                "normalized_shape", _DynamicLayerNorm._get_normalized_shape
+            )
+
+    DMRegistry.register({torch.nn.RMSNorm: "nn.RMSNorm"})(_DynamicTorchRMSNorm)
+
+
+def _register_dynamic_local_self_attention() -> None:
+    # ModelOpt 0.47 `_DynamicSelfAttention` prunes heads only through TE modules: it asserts the
+    # core attention is `TEDotProductAttention` and converts linear_qkv / linear_proj into TE
+    # dynamic classes (TE names: in_features, out_features, layer_norm_weight). Without this,
+    # conversion fails on the local spec (or, with the assert bypassed, a smaller head count is
+    # silently not applied to the weights). The local modules store the same fused QKV layout
+    # ([q_0..q_n, k, v] per query group), so ModelOpt's own head-index functions are reused and
+    # only the local attribute names (input_size/output_size[_per_partition],
+    # hidden_size_per_partition) are made dynamic.
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from modelopt.torch.nas.plugins import megatron as mnas
+    from modelopt.torch.nas.registry import DMRegistry
+    from modelopt.torch.opt.dynamic import DynamicModule
+
+    te_qkv = mnas._DynamicTEQKVLayerNormColumnParallelLinear
+    te_proj = mnas._DynamicTEProjRowParallelLinear
+
+    class _DynamicLocalCoreAttention(DynamicModule):
+        def _setup(self, *, num_attention_heads):
+            self._register_dynamic_attribute(
+                "num_attention_heads_per_partition", lambda mod, val: num_attention_heads.active
+            )
+            self._register_dynamic_attribute(
+                "hidden_size_per_partition",
+                lambda mod, val: num_attention_heads.active * mod.hidden_size_per_attention_head,
+            )
+
+    class _DynamicLocalQKV(DynamicModule):
+        _get_output_size_indices = te_qkv._get_output_size_indices
+        _get_weight = staticmethod(te_qkv._get_weight)
+        _get_bias = staticmethod(te_qkv._get_bias)
+
+        def _setup(self, *, num_attention_heads, hidden_size):
+            self._register_hparam("input_size", hidden_size)
+            self._register_hparam("num_attention_heads", num_attention_heads)
+
+            def out_size(mod, val):
+                return (num_attention_heads.active + 2 * mod.config.num_query_groups) * (
+                    mod.config.kv_channels
+                )
+
+            self._register_dynamic_attribute("output_size", out_size)
+            self._register_dynamic_attribute("output_size_per_partition", out_size)
+            self._register_dynamic_attribute("weight", self._get_weight)
+            if getattr(self, "bias", None) is not None:
+                self._register_dynamic_attribute("bias", self._get_bias)
+
+    class _DynamicLocalProj(DynamicModule):
+        _get_input_size_indices = te_proj._get_input_size_indices
+        _get_weight = staticmethod(te_proj._get_weight)
+        _get_bias = staticmethod(te_proj._get_bias)
+
+        def _setup(self, *, num_attention_heads, hidden_size):
+            self._register_hparam("output_size", hidden_size)
+            self._register_hparam("num_attention_heads", num_attention_heads)
+
+            def in_size(mod, val):
+                return num_attention_heads.active * mod.config.kv_channels
+
+            self._register_dynamic_attribute("input_size", in_size)
+            self._register_dynamic_attribute("input_size_per_partition", in_size)
+            self._register_dynamic_attribute("weight", self._get_weight)
+            if getattr(self, "bias", None) is not None:
+                self._register_dynamic_attribute("bias", self._get_bias)
+
+    class _DynamicLocalSelfAttention(mnas._DynamicSelfAttention):
+        _distillscale_local_spec = True
+
+        def _setup(self, *, hidden_size):
+            if not (
+                isinstance(self.core_attention, DotProductAttention)
+                and self._prunes_attention_heads()
+            ):
+                super()._setup(hidden_size=hidden_size)
+                return
+            # Same hparam and head-count attribute as ModelOpt's TE path.
+            heads = mnas.NumAttentionHeadsHp(
+                self.num_attention_heads_per_partition, self.num_query_groups_per_partition
+            )
+            self._register_hparam("num_attention_heads", heads)
+            self._register_dynamic_attribute(
+                "num_attention_heads_per_partition", lambda mod, val: mod.num_attention_heads
+            )
+            _convert_to(_DynamicLocalCoreAttention, self.core_attention, num_attention_heads=heads)
+            kw = {"num_attention_heads": heads, "hidden_size": hidden_size}
+            _convert_to(_DynamicLocalQKV, self.linear_qkv, **kw)
+            _convert_to(_DynamicLocalProj, self.linear_proj, **kw)
+
+    if getattr(DMRegistry.get(SelfAttention), "_distillscale_local_spec", False):
+        return
+    key = DMRegistry.get_key(SelfAttention)
+    DMRegistry.unregister(SelfAttention)
+    DMRegistry.register({SelfAttention: key})(_DynamicLocalSelfAttention)
+
+
+def _adapt_hidden_size_hooks_to_local_spec(mcore_minitron) -> None:
+    # ModelOpt 0.47 ranks hidden_size channels by the layernorm output that TE's fused
+    # LayerNorm+Linear returns with `return_layernorm_output=True`: its hook on linear_qkv /
+    # linear_fc1 unpacks `((out, ln_out), bias)` and reads `te_return_bias`. On the local spec the
+    # layernorm is a separate module whose output *is* the linear's input, so ModelOpt's own hook
+    # is handed that tuple (and returns the unchanged `(out, bias)`).
+    base = mcore_minitron.ImportanceEstimatorRegistry
+    if getattr(base, "_distillscale_local_spec", False):
+        return
+
+    class _LocalSpecImportanceRegistry(base):
+        _distillscale_local_spec = True
+
+        def register_hook(self, module, hook_fn, hook_type="forward", **hook_kwargs):
+            fn = getattr(hook_fn, "func", None)
+            if (
+                hook_type == "forward"
+                and getattr(fn, "__name__", "") == "_fused_ln_linear_forward_hook"
+                and not hasattr(module, "te_return_bias")
+            ):
+                as_te = types.SimpleNamespace(te_return_bias=False)  # stable id per module
+                fused_hook = hook_fn
+
+                def hook_fn(mod, inputs, output):
+                    out, bias = output
+                    return fused_hook(as_te, inputs, ((out, inputs[0]), bias))
+
+            super().register_hook(module, hook_fn, hook_type, **hook_kwargs)
+
+    mcore_minitron.ImportanceEstimatorRegistry = _LocalSpecImportanceRegistry
+
+
+def _make_layer_drop_cpu_safe(mcore_minitron) -> None:
+    # ModelOpt 0.47 `drop_mcore_language_model_layers` (depth pruning) moves its per-PP-rank
+    # layer counters to `.cuda()` and all-gathers a 0-dim tensor, which gloo rejects. Run it with
+    # `Tensor.cuda` as the identity and 0-dim inputs of that all-gather reshaped to 1-D.
+    orig = mcore_minitron.drop_mcore_language_model_layers
+    if getattr(orig, "_distillscale_cpu_safe", False):
+        return
+    import functools
+
+    import torch.distributed as dist
+
+    @functools.wraps(orig)
+    def drop_layers(model, *, layers_to_drop):
+        saved_cuda, saved_gather = torch.Tensor.cuda, dist.all_gather_into_tensor
+
+        def gather(output, inp, *args, **kwargs):
+            return saved_gather(output, inp.reshape(1) if inp.dim() == 0 else inp, *args, **kwargs)
+
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+        dist.all_gather_into_tensor = gather
+        try:
+            return orig(model, layers_to_drop=layers_to_drop)
+        finally:
+            torch.Tensor.cuda = saved_cuda  # type: ignore[method-assign]
+            dist.all_gather_into_tensor = saved_gather
+
+    drop_layers._distillscale_cpu_safe = True  # type: ignore[attr-defined]
+    mcore_minitron.drop_mcore_language_model_layers = drop_layers
+
+
+# =============================================================================================
+# END ModelOpt Minitron pruning on CPU
+# =============================================================================================
+
+
+# =============================================================================================
+# BEGIN Megatron-Bridge import on CPU -- used by distillscale.models.hf_io
+# =============================================================================================
+
+
+def install_bridge_te_stub() -> None:
+    """Make `import megatron.bridge` (Megatron-Bridge 0.6.2) work on CPU: the same import-only
+    transformer-engine stub (it carries the `te.pytorch.ops.Sequential` Bridge needs)."""
+    apply_cpu_shims()
+
+
+# =============================================================================================
+# END Megatron-Bridge import on CPU
+# =============================================================================================

@@ -24,7 +24,7 @@ def class_counts(
         shares = {c.name: 1.0 / k for c in taxonomy.classes}
     else:
         shares = taxonomy.priors()
-    counts = {name: max(min_per_class, int(round(share * n))) for name, share in shares.items()}
+    counts = {name: max(min_per_class, round(share * n)) for name, share in shares.items()}
     # Trim the largest classes so the total matches n where the floor allows it.
     excess = sum(counts.values()) - n
     for name in sorted(counts, key=counts.get, reverse=True):

@@ -22,8 +22,8 @@ def read_table_rows(path: Path, text_column: str, label_column: str) -> list[dic
                 try:
                     obj = json.loads(line.decode("utf-8"))
                     if not isinstance(obj, dict):
-                        raise ValueError("not an object")
-                except (UnicodeDecodeError, ValueError) as e:
+                        raise TypeError("not an object")
+                except (UnicodeDecodeError, ValueError, TypeError) as e:
                     rows.append(
                         {
                             "_error": f"malformed line {n}: {e.__class__.__name__}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 
 from distillscale.models.megatron_gpt import forward_logits
 from distillscale.tokenizer import PromptEncoder
@@ -28,12 +27,21 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
     return torch.cat(preds).numpy()
 
 
-def _metric(name: str, y: np.ndarray, p: np.ndarray, labels: list[int]) -> float:
-    if name == "macro_f1":
-        return float(f1_score(y, p, average="macro", labels=labels, zero_division=0))
-    if name == "weighted_f1":
-        return float(f1_score(y, p, average="weighted", labels=labels, zero_division=0))
-    return float(accuracy_score(y, p))
+def _from_confusion(cm: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Macro / weighted F1 and accuracy from a confusion matrix (rows = truth), restricted to
+    `labels` as scikit-learn's `f1_score(labels=...)` is. Computing them from counts lets the
+    bootstrap resample thousands of times without re-running scikit-learn per draw."""
+    tp = np.diag(cm)[labels].astype(float)
+    support = cm.sum(1)[labels].astype(float)
+    predicted = cm.sum(0)[labels].astype(float)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    total = cm.sum()
+    return {
+        "macro_f1": float(f1.mean()),
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
+        "accuracy": float(np.trace(cm) / total) if total else 0.0,
+    }
 
 
 def score(
@@ -45,24 +53,31 @@ def score(
 ) -> dict[str, dict[str, float]]:
     """Each metric's value and percentile-bootstrap 95% CI (rows resampled with replacement).
 
-    F1 averages over the classes that occur in the labels or the predictions (as scikit-learn
-    does by default): a class absent from a small test split neither helps nor hurts.
+    F1 averages over the classes that occur in the labels or the predictions (scikit-learn's
+    default): a class absent from a small test split neither helps nor hurts.
     `gold_accuracy` compares with the class each headline was generated for.
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    plan = [("macro_f1", y_true), ("weighted_f1", y_true), ("accuracy", y_true)]
-    if y_gold is not None:
-        plan.append(("gold_accuracy", np.asarray(y_gold)))
-    rng = np.random.default_rng(seed)
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    k = int(max(y_true.max(), y_pred.max())) + 1
+    labels = np.unique(np.concatenate([y_true, y_pred]))
     n = len(y_true)
-    draws = [rng.integers(0, n, n) for _ in range(bootstrap)]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, (bootstrap, n))
+
+    def confusion(y, p):
+        return np.bincount(y * k + p, minlength=k * k).reshape(k, k)
+
+    point = _from_confusion(confusion(y_true, y_pred), labels)
+    samples = [_from_confusion(confusion(y_true[d], y_pred[d]), labels) for d in draws]
+    if y_gold is not None:
+        y_gold = np.asarray(y_gold)
+        point["gold_accuracy"] = float((y_gold == y_pred).mean())
+        for d, smp in zip(draws, samples):
+            smp["gold_accuracy"] = float((y_gold[d] == y_pred[d]).mean())
     out: dict[str, dict[str, float]] = {}
-    for name, y in plan:
-        value = _metric(name, y, y_pred, labels)
+    for name, value in point.items():
         lo = hi = value
-        if draws:
-            samples = [_metric(name, y[d], y_pred[d], labels) for d in draws]
-            lo, hi = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
+        if bootstrap:
+            lo, hi = (float(v) for v in np.percentile([s[name] for s in samples], [2.5, 97.5]))
         out[name] = {"value": value, "ci_low": lo, "ci_high": hi}
     return out

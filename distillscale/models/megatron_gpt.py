@@ -37,7 +37,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
                 backend=backend, init_method=f"file://{store}", rank=0, world_size=1
             )
         if cuda_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,

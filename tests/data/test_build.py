@@ -1,0 +1,78 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from distillscale.cli import main
+from distillscale.data.build import build_dataset, read_jsonl, stratified_split
+from distillscale.domain import load_taxonomy
+
+ROOT = Path(__file__).resolve().parents[2]
+TAXONOMY = ROOT / "conf/domains/finance.yaml"
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return load_taxonomy(TAXONOMY)
+
+
+def test_generator_covers_every_class_with_floor(tmp_path, taxonomy):
+    m = build_dataset(tmp_path, taxonomy, generator="templates", num_examples=1500,
+                      target_distribution="natural", min_per_class=10, val_fraction=0.1,
+                      test_fraction=0.2, seed=0)
+    assert m["classes_present"] == 35
+    assert min(m["label_histogram"].values()) >= 10 - m["rows_rejected"]
+    assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"]
+    test = read_jsonl(tmp_path / "test.jsonl")
+    assert {"id", "text", "label", "gold_label"} <= set(test[0])
+    # natural prior: the head class is far more frequent than the tail
+    hist = m["label_histogram"]
+    assert hist["stock_price_movement"] > 5 * hist["accounting_restatement"]
+
+
+def test_split_is_deterministic_and_stratified(taxonomy):
+    rows = [{"id": f"{i:05d}", "label": taxonomy.labels[i % 5], "text": str(i)} for i in range(500)]
+    a = stratified_split(rows, 0.1, 0.2, seed=1)
+    b = stratified_split(list(reversed(rows)), 0.1, 0.2, seed=1)
+    assert [r["id"] for r in a["test"]] == [r["id"] for r in b["test"]]
+    counts = Counter(r["label"] for r in a["test"])
+    assert set(counts.values()) == {20}  # 100 per class * 0.2
+    ids = [r["id"] for split in a.values() for r in split]
+    assert len(ids) == len(set(ids)) == 500
+
+
+def test_import_accounts_for_every_row(tmp_path):
+    src = tmp_path / "mine.jsonl"
+    good = [{"headline": f"Acme {i} wins contract from Globex", "event": "new_contract"}
+            for i in range(30)]
+    lines = [json.dumps(r) for r in good]
+    lines += [
+        '{"headline": "broken json", ',                                   # malformed
+        json.dumps({"headline": "", "event": "new_contract"}),             # empty
+        json.dumps({"headline": "Acme beats", "event": "moon_landing"}),   # unknown label
+        json.dumps(good[0]),                                               # duplicate
+        json.dumps({"headline": "Acme buyback", "event": "buyback"}),      # alias -> share_buyback
+    ]
+    src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"headline": "\xff\xfe"}\n')
+    out = tmp_path / "ds"
+    rc = main(["data", "import", "--input", str(src), "--domain", str(TAXONOMY),
+               "--out", str(out), "--text-column", "headline", "--label-column", "event"])
+    assert rc == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["rows_in"] == 36 and man["rows_kept"] == 31 and man["rows_rejected"] == 5
+    reasons = [r["reason"] for r in read_jsonl(out / "rejects.jsonl")]
+    assert any(r.startswith("malformed line 31") for r in reasons)
+    assert "empty text" in reasons
+    assert "unknown label 'moon_landing'" in reasons
+    assert any(r.startswith("duplicate of id") for r in reasons)
+    assert any(r.startswith("malformed line 36") for r in reasons)  # invalid UTF-8
+    kept = [r for s in ("train", "val", "test") for r in read_jsonl(out / f"{s}.jsonl")]
+    assert "share_buyback" in {r["label"] for r in kept}
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
+    rc = main(["data", "import", "--input", str(tmp_path / "none.csv"), "--domain",
+               str(TAXONOMY), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "none.csv: input not found" in capsys.readouterr().err

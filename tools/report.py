@@ -1,0 +1,8 @@
+"""Thin entry point: `python tools/report.py CONFIG [key=value ...]` == `distillscale report ...`."""
+
+import sys
+
+from distillscale.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["report", *sys.argv[1:]]))
