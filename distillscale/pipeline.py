@@ -371,7 +371,10 @@ def wide_results(long) -> pd.DataFrame:  # noqa: F821
         highs, left_on="model", right_index=True
     )
     wide.columns.name = None
-    return wide.sort_values("compression_ratio", ascending=False).reset_index(drop=True)
+    order = wide["stage"].map({"teacher": 0, "pruned": 1, "distilled": 2})
+    wide = wide.assign(_order=order).sort_values(["compression_ratio", "_order"],
+                                                 ascending=[False, True])
+    return wide.drop(columns="_order").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------- report
