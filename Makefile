@@ -3,7 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Python 3.12 on PATH, else through pyenv; the project's version set needs exactly 3.12.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null)
+# (a pyenv shim on PATH may exist and still refuse to run, so each candidate must start).
+PYTHON312 ?= $(shell \
+  if python3.12 -c 'import sys' >/dev/null 2>&1; then command -v python3.12; \
+  elif command -v pyenv >/dev/null 2>&1; then \
+    v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | sort -V | tail -n1); \
+    [ -n "$$v" ] && PYENV_VERSION=$$v pyenv which python3.12 2>/dev/null; \
+  fi)
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip

@@ -15,7 +15,6 @@ student first re-learns the answer before chasing the teacher's soft targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from distillscale.config import DistillConfig
 from distillscale.models.megatron_gpt import causal_mask, forward_logits
+from distillscale.teacher.supervision import supervision_batch
 from distillscale.tokenizer import PromptEncoder
 from distillscale.train.loop import train
 
@@ -84,22 +84,6 @@ def unwrap_student(kd_model):
     return student
 
 
-@dataclass
-class Supervision:
-    tokens: torch.Tensor
-    kl_mask: torch.Tensor
-    answer_mask: torch.Tensor
-    targets: torch.Tensor
-
-
-def supervision_for(encoder: PromptEncoder, rows: list[dict], supervision: str) -> Supervision:
-    b = encoder.encode(rows)
-    if supervision != "label":
-        raise ValueError(f"supervision {supervision!r} needs teacher traces (teacher stage)")
-    # `label`: the answer token only (the paper's label-only configuration).
-    return Supervision(b.tokens, b.answer_mask, b.answer_mask, b.targets)
-
-
 def distill(
     student,
     teacher,
@@ -114,14 +98,14 @@ def distill(
     """Distill `teacher` into `student` in place; returns (plain student, history)."""
     kd = make_kd_model(student, teacher, cfg)
     t2 = cfg.loss.temperature**2
-    sup = supervision_for(encoder, train_rows, cfg.supervision)
+    sup = supervision_batch(encoder, train_rows, cfg.supervision)
 
     def loss_fn(idx: np.ndarray, step: int):
         tokens = sup.tokens[idx]
         b, s = tokens.shape
         pos = torch.arange(s).unsqueeze(0).expand(b, s)
         logits = kd(tokens, pos, causal_mask(s))  # student logits [b, s, v]; teacher runs inside
-        kl_mask = sup.kl_mask[idx]
+        kl_mask = sup.kd_mask[idx]
 
         def reduce(loss_tuple):
             per_token, _tp_reduce, _sp = loss_tuple  # ModelOpt returns (loss[b, s], tp, sp)

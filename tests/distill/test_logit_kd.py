@@ -56,7 +56,7 @@ def test_distillation_lowers_kl_and_unwraps_to_plain_student(megatron, tmp_path)
     with torch.no_grad():
         teacher.output_layer.weight.mul_(10)
 
-    class Enc:  # the minimal encoder surface `supervision_for` needs
+    class Enc:  # the minimal encoder surface `supervision_batch` needs
         def encode(self, rows):
             from distillscale.tokenizer import EncodedBatch
 
