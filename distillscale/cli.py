@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from distillscale.config import ConfigError, load_config
+from distillscale.train.preemption import Preempted
 
 STAGES = ("teacher", "prune", "distill", "eval", "fit", "report")
 
@@ -35,10 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.sub=value")
     for stage in STAGES:
         s = sub.add_parser(stage, help=f"run the {stage} stage of an experiment")
-        s.add_argument("config", type=Path)
+        # fit / report also work on any results table without an experiment config.
+        s.add_argument("config", type=Path, nargs="?" if stage in ("fit", "report") else None)
         s.add_argument("overrides", nargs="*", help="key.sub=value")
         if stage in ("prune", "distill"):
             s.add_argument("--student", help="only this student (default: all)")
+        if stage in ("fit", "report"):
+            s.add_argument("--results", type=Path,
+                           help="a long results table (results.parquet / results_long.csv)")
+            s.add_argument("--out", type=Path, help="output folder (with --results)")
+            s.add_argument("--num-classes", type=int, default=35,
+                           help="in-domain classes: the chance floor is 1/N (with --results)")
+        if stage == "report":
+            s.add_argument("--fits", type=Path, help="folder with fits.json (with --results)")
     d = sub.add_parser("data", help="build or import a dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="generate a labelled dataset for a domain")
@@ -54,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--text-column", default="text")
     i.add_argument("--label-column", default="label")
     i.add_argument("--seed", type=int, default=0)
+    from distillscale.launch.commands import add_parser as add_launch_parser
+
+    add_launch_parser(sub)
     return ap
 
 
@@ -66,12 +79,17 @@ def _data_command(args) -> int:
     fields: dict = {}
     for text in getattr(args, "overrides", []) or []:
         keys, value = parse_override(text)
-        keys = keys[1:] if keys[0] == "data" else keys
-        fields[".".join(keys)] = value
+        keys = keys[1:] if keys[0] == "data" and len(keys) > 1 else keys
+        node = fields
+        for k in keys[:-1]:  # nested keys, e.g. llm.endpoint=http://host:8000/v1
+            node = node.setdefault(k, {}) if isinstance(node.get(k, {}), dict) else {}
+        node[keys[-1]] = value
     if args.data_command == "import":
         fields.update(generator="file", source_path=str(args.input))
         inputs = {"taxonomy": args.domain, "source": args.input}
     else:
+        # `data build` runs the data recipe unless `generator=templates` is asked for.
+        fields.setdefault("generator", "designer")
         fields.update(num_examples=args.rows)
         inputs = {"taxonomy": args.domain}
     try:
@@ -84,15 +102,50 @@ def _data_command(args) -> int:
     h = f"{dcfg.model_dump_json()}:{args.seed}"
     with atomic_stage(args.out, "data", h, inputs) as out:
         out.metrics.update(build_dataset(
-            out.path, taxonomy, generator=dcfg.generator, num_examples=dcfg.num_examples,
-            target_distribution=dcfg.target_distribution, min_per_class=dcfg.min_per_class,
-            val_fraction=dcfg.val_fraction, test_fraction=dcfg.test_fraction, seed=args.seed,
-            source_path=dcfg.source_path, text_column=getattr(args, "text_column", "text"),
+            out.path, taxonomy, dcfg, seed=args.seed,
+            text_column=getattr(args, "text_column", "text"),
             label_column=getattr(args, "label_column", "label"),
         ))
         out.extra.update({k: out.metrics[k] for k in ("rows_in", "rows_kept", "rows_rejected")})
         m = out.metrics
     print(f"in={m['rows_in']} kept={m['rows_kept']} rejected={m['rows_rejected']} -> {args.out}")
+    return 0
+
+
+def _table_command(args) -> int:
+    """`fit` / `report` on a results table: `--results R --out DIR` (no experiment config)."""
+    from distillscale.config import FitConfig, parse_override
+    from distillscale.fit import ResultsTableError, read_results
+
+    if args.results is None or args.out is None:
+        raise ConfigError(f"command line: {args.command} needs CONFIG, or --results and --out")
+    fields: dict = {}
+    for text in args.overrides or []:
+        keys, value = parse_override(text)
+        if keys[0] != "fit" or len(keys) != 2:
+            raise ConfigError(f"command line: {text!r}: only fit.<key>=value applies here")
+        fields[keys[1]] = value
+    try:
+        fcfg = FitConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"command line: fit.{key}: {err['msg']}") from None
+    try:
+        long = read_results(args.results)
+    except ResultsTableError as e:
+        raise ConfigError(str(e)) from None
+    if args.command == "fit":
+        from distillscale.fit import fit_results
+
+        fits = fit_results(long, args.out, fcfg, args.num_classes, source=str(args.results))
+        print(f"{len(fits)} fits -> {args.out / 'fits.json'}, {args.out / 'fits.md'}")
+    else:
+        from distillscale.report import build_report
+
+        path = build_report(long, args.out, fits_dir=args.fits, num_classes=args.num_classes,
+                            title=args.results.stem)
+        print(f"report -> {path}, {path.with_suffix('.html')}")
     return 0
 
 
@@ -102,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data_command(args)
+        if args.command == "launch":
+            from distillscale.launch.commands import run as launch_command
+
+            return launch_command(args)
+        if args.command in ("fit", "report") and (args.results or args.config is None):
+            return _table_command(args)
         cfg = load_config(args.config, args.overrides)
         from distillscale import pipeline
 
@@ -122,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # checkpoint written; the launcher requeues on this code
+        return e.code
     return 0
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -33,10 +35,24 @@ class DomainConfig(Strict):
     taxonomy: str = "conf/domains/finance.yaml"
 
 
+class LLMEndpointConfig(Strict):
+    """An OpenAI-compatible chat endpoint for the Data Designer LLM column (e.g. vLLM)."""
+
+    endpoint: str  # e.g. http://localhost:8000/v1
+    model: str  # e.g. nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.9
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_tokens: Annotated[int, Field(gt=0)] = 64
+    max_parallel_requests: Annotated[int, Field(gt=0)] = 16
+    timeout_s: Annotated[int, Field(gt=0)] = 60
+
+
 class DataConfig(Strict):
     # `templates`: the minimal offline generator (slots filled from the taxonomy file);
+    # `designer`: the data recipe (Data Designer rounds + NeMo-Curator curation + global dedup);
     # `file`: import a user's own CSV / JSONL / Parquet with `text` and `label` columns.
-    generator: Literal["templates", "file"] = "templates"
+    generator: Literal["templates", "designer", "file"] = "templates"
     source_path: str | None = None
     num_examples: Annotated[int, Field(gt=0)] = 3000
     target_distribution: Literal["natural", "balanced"] = "natural"
@@ -44,11 +60,33 @@ class DataConfig(Strict):
     min_per_class: Annotated[int, Field(ge=0)] = 20
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
+    # --- the `designer` recipe (distillscale/data/recipe.py) ---
+    max_rounds: Annotated[int, Field(gt=0)] = 6
+    # None: offline sampler/template synthesis; set: an LLM writes each headline.
+    llm: LLMEndpointConfig | None = None
+    fewshot_k: Annotated[int, Field(ge=0)] = 5
+    near_dup_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
+    semantic_dedup: bool = True
+    semantic_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    semantic_clusters: Annotated[int, Field(gt=0)] = 100
+    # `minilm`: all-MiniLM-L6-v2 (~160 headlines/s on 2 CPU cores); `minilm_static`: its
+    # word-piece embeddings mean-pooled, for CPU runs at 500k scale (distillscale/data/dedup.py).
+    embedding: Literal["minilm", "minilm_static"] = "minilm"
+    # int8 dynamic quantization of MiniLM: ~2.3x faster embeddings on CPU.
+    quantize_embeddings: bool = False
+    min_words: Annotated[int, Field(ge=1)] = 4
+    max_words: Annotated[int, Field(ge=1)] = 40
+    max_non_alnum_ratio: Annotated[float, Field(gt=0, le=1)] = 0.35
+    language: str = "en"
+    # Points in the dataset card's UMAP (0: no UMAP).
+    card_umap_points: Annotated[int, Field(ge=0)] = 4000
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.generator == "file" and not self.source_path:
             raise ValueError("data.generator=file needs data.source_path")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
         return self
 
 
@@ -96,6 +134,62 @@ class TrainConfig(Strict):
     eval_every: Annotated[int, Field(gt=0)] = 100
     checkpoint_every: Annotated[int, Field(gt=0)] = 100
     log_every: Annotated[int, Field(gt=0)] = 25
+    # Micro-batches per optimizer step: `batch_size` examples are split into this many parts,
+    # each forward/backward separately (memory), gradients summed before the step.
+    grad_accum_steps: Annotated[int, Field(gt=0)] = 1
+
+    @model_validator(mode="after")
+    def _check_accum(self) -> TrainConfig:
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(f"grad_accum_steps ({self.grad_accum_steps}) is larger than "
+                             f"batch_size ({self.batch_size})")
+        return self
+
+
+class KnowledgeConfig(Strict):
+    """The offline general-knowledge world a scratch teacher also learns
+    (distillscale/knowledge/general.py) and its multiple-choice probe."""
+
+    countries: Annotated[int, Field(gt=0)] = 60
+    arithmetic: Annotated[int, Field(ge=0)] = 120
+    conversions: Annotated[int, Field(ge=0)] = 40
+    # Share of every teacher training batch drawn from the knowledge corpus.
+    fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    # Test questions in the probe (None: one per fact not used by dev).
+    probe_size: Annotated[int, Field(gt=0)] | None = None
+
+
+class LogitCacheConfig(Strict):
+    # Supervision formats whose KD tokens (trace + answer) get a top-k cache; [] = none.
+    formats: list[Literal["label", "cot_short", "cot_long", "blended_cot"]] = ["label"]
+    k: Annotated[int, Field(gt=0)] = 64
+    # Tokens drawn from the teacher's tail per position (an unbiased tail-KL estimate; HF
+    # backend only). 0: the tail is one merged bucket.
+    tail_samples: Annotated[int, Field(ge=0)] = 0
+    # Shared by every run and student (entries are keyed by a content hash); default:
+    # `logit_cache/` next to the run folder, i.e. runs/logit_cache.
+    dir: str | None = None
+    shard_size: Annotated[int, Field(gt=0)] = 512
+
+
+class SupervisionConfig(Strict):
+    """Teacher supervision (distillscale/teacher/): labels and traces at each thinking depth."""
+
+    # Family adapter: how this teacher is asked to think at each depth (conf/teachers/).
+    family: str = "conf/teachers/tiny.yaml"
+    # `hf`: transformers (CPU / GPU); `vllm`: offline engine (GPU); `openai`: a served endpoint.
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    depths: list[Literal["label", "cot_short", "cot_long"]] = ["label", "cot_short", "cot_long"]
+    splits: list[Literal["train", "val", "test"]] = ["train"]
+    batch_size: Annotated[int, Field(gt=0)] = 128
+    shard_size: Annotated[int, Field(gt=0)] = 512
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    retry_temperature: Annotated[float, Field(gt=0)] = 0.7
+    # `openai` backend only.
+    base_url: str | None = None
+    model_name: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    cache: LogitCacheConfig = LogitCacheConfig()
 
 
 class TeacherConfig(Strict):
@@ -105,6 +199,8 @@ class TeacherConfig(Strict):
     hf_path: str | None = None
     arch: ModelArch | None = None
     train: TrainConfig = TrainConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
@@ -144,49 +240,126 @@ class StudentTarget(Strict):
 
 
 class PruneConfig(Strict):
-    # Iterative `uniform` / `decayed` schedules come with the prune/distill recipe.
-    schedule: Literal["one_shot"] = "one_shot"
+    # `one_shot`, or iterative prune -> distill steps: `uniform` (equal steps in points of the
+    # teacher's parameters) or `decayed` (each step `decay` x the previous one); every
+    # intermediate student is kept and evaluated (distillscale/prune/schedule.py).
+    schedule: Literal["one_shot", "uniform", "decayed"] = "one_shot"
+    steps: Annotated[int, Field(gt=0)] = 1
+    decay: Annotated[float, Field(gt=0, lt=1)] = 0.5
     calibration_samples: Annotated[int, Field(gt=0)] = 64
     hidden_size_divisor: Annotated[int, Field(gt=0)] = 16
     ffn_hidden_size_divisor: Annotated[int, Field(gt=0)] = 32
 
+    @model_validator(mode="after")
+    def _check_steps(self) -> PruneConfig:
+        if self.schedule == "one_shot" and self.steps != 1:
+            raise ValueError(f"schedule one_shot has exactly 1 step (got steps={self.steps})")
+        if self.schedule != "one_shot" and self.steps < 2:
+            raise ValueError(f"schedule {self.schedule} needs steps >= 2 (got {self.steps})")
+        return self
+
 
 class LossConfig(Strict):
-    kind: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+    # Divergence between teacher and student (distillscale/distill/losses.py).
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: Annotated[float, Field(gt=0)] = 1.0
     # Weight of the KL term against the CE anchor on gold answer tokens (blended CoT).
     alpha: Annotated[float, Field(ge=0, le=1)] = 1.0
     alpha_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # > 0: compute the divergence this many tokens at a time, never holding full-vocabulary fp32
+    # logits for the whole batch (TP=1; tools/bench_kd_loss.py measures it). 0: ModelOpt's KL.
+    chunk_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class DistillConfig(Strict):
-    method: Literal["logit_kd"] = "logit_kd"
-    # CoT formats (`cot_short`, `cot_long`, `blended_cot`) need the teacher-supervision stage.
-    supervision: Literal["label"] = "label"
+    # `logit_kd`: full-parameter (ModelOpt Megatron distillation); `lora_kd`: LoRA adapters
+    # only (peft), merged for export (distillscale/distill/).
+    method: Literal["logit_kd", "lora_kd"] = "logit_kd"
+    lora_rank: Annotated[int, Field(gt=0)] = 8
+    lora_alpha: Annotated[float, Field(gt=0)] = 16.0
+    # What the student is trained on (distillscale/teacher/supervision.py): `label`, or the
+    # teacher's traces from the supervision stage (`cot_short`, `cot_long`; `blended_cot`: KL
+    # on the long trace + CE anchor on the gold answer, weighted by loss.alpha).
+    supervision: Literal["label", "cot_short", "cot_long", "blended_cot"] = "label"
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=1e-3, min_lr=1e-4)
 
 
+class GeneralEvalConfig(Strict):
+    """General knowledge through lm-eval (distillscale/eval/lm_eval_tasks/), from local copies.
+
+    Each path is a directory of Parquet files: MMLU in the HF `cais/mmlu` schema (`question`,
+    `subject`, `choices`, `answer` int; test + dev splits), MMLU-Pro in the `TIGER-Lab/MMLU-Pro`
+    schema (`question`, `options`, `answer` letter, `answer_index`, `category`). Unset: skipped.
+    """
+
+    mmlu_path: str | None = None
+    mmlu_pro_path: str | None = None
+    # `hf`: transformers on CPU (or one GPU); `vllm`: the GPU path (NGC container).
+    backend: Literal["hf", "vllm"] = "hf"
+    # `letters`: the reference MMLU prompt (answer letter); `cloze`: the likelihood of each
+    # choice's text, for small models; `auto`: cloze for from-scratch (word-level) teachers.
+    prompt: Literal["auto", "letters", "cloze"] = "auto"
+    num_fewshot: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    # Cap on questions per benchmark (None: all); for quick looks at large local copies.
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+
 class EvalConfig(Strict):
     split: Literal["val", "test"] = "test"
-    scoring: Literal["label_constrained"] = "label_constrained"
+    # `label_constrained`: argmax over the class names' likelihood (no parse failures);
+    # `generative`: greedy decoding, the answer parsed after the model's own reasoning.
+    scoring: Literal["label_constrained", "generative"] = "label_constrained"
     bootstrap_samples: Annotated[int, Field(ge=0)] = 200
     batch_size: Annotated[int, Field(gt=0)] = 128
+    # Generative scoring: tokens the model may produce (reasoning + answer).
+    max_new_tokens: Annotated[int, Field(gt=0)] = 48
+    general: GeneralEvalConfig = GeneralEvalConfig()
 
 
 class FitConfig(Strict):
-    x: Literal["compression_ratio"] = "compression_ratio"
-    metrics: list[str] = ["macro_f1", "accuracy"]
-    forms: list[Literal["power_law", "linear"]] = ["power_law", "linear"]
+    """Scaling fits (distillscale/fit/): which curves, forms and inverse predictions."""
+
+    # Axes to fit against; an axis with fewer than 3 distinct values in the results is skipped.
+    x: list[Literal["compression_ratio", "dataset_size"]] = ["compression_ratio", "dataset_size"]
+    metrics: list[str] = ["macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "mmlu",
+                          "mmlu_pro"]
+    forms: list[Literal["saturating_power_law", "logistic_log", "broken_power_law"]] = [
+        "saturating_power_law", "logistic_log", "broken_power_law"]
+    bootstrap_samples: Annotated[int, Field(ge=0)] = 200
+    # Huber threshold in units of each point's standard error (from its eval CI).
+    huber_delta: Annotated[float, Field(gt=0)] = 1.345
+    # Inverse predictions: x needed to reach each level ("data for macro F1 >= 0.9",
+    # "largest compression keeping MMLU >= 0.3").
+    targets: dict[str, list[float]] = {"macro_f1": [0.8, 0.9, 0.95], "mmlu": [0.3],
+                                       "mmlu_pro": [0.15]}
+
+    @field_validator("x", mode="before")
+    @classmethod
+    def _one_axis(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class LaunchConfig(Strict):
+    """Where it runs. The launchers read this section through `distillscale launch plan`;
+    flags and environment variables override nodes, GPUs, time, partition and image."""
+
     backend: Literal["local", "slurm"] = "local"
     nodes: Annotated[int, Field(gt=0)] = 1
+    # 0 = CPU (one task per node); otherwise one srun task per GPU.
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
     tensor_parallel: Annotated[int, Field(gt=0)] = 1
     pipeline_parallel: Annotated[int, Field(gt=0)] = 1
+    # GPUs one vLLM engine spans (teacher traces, evaluation): a 32B teacher in bf16 needs at
+    # least 2 H100s; the paper's data build served its generator with TP=4.
+    vllm_tensor_parallel: Annotated[int, Field(gt=0)] = 1
     container: str = "nvcr.io/nvidia/nemo:26.04"
+    # Extra pyxis mounts `SRC:DST[:FLAGS]`; the repository is always mounted at its own path.
+    container_mounts: list[Annotated[str, Field(pattern=r"^[^:,]+:[^:,]+(:[a-z+]+)?$")]] = []
+    time: Annotated[str, Field(pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")] = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
 
 
 class ExperimentConfig(Strict):

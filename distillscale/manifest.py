@@ -89,20 +89,38 @@ class StageOutput:
 
 @contextlib.contextmanager
 def atomic_stage(
-    folder: Path, stage: str, config_hash: str, inputs: dict[str, Path]
+    folder: Path, stage: str, config_hash: str, inputs: dict[str, Path], collective: bool = True
 ) -> Iterator[StageOutput]:
     """Write a stage into `<folder>.tmp`, then swap it into place with its manifest.
 
     A killed stage leaves only the temp folder (whose `checkpoints/` the stage may resume
     from); the previous finished output, if any, stays intact until the new one is complete.
+
+    Under several ranks (srun), rank 0 alone writes the stage folder and its manifest. The other
+    ranks compute the same stage into a private `.rank<N>/` scratch folder inside the temp
+    folder (their own checkpoints live there, so a requeued job resumes every rank), which is
+    dropped when the stage completes. `collective` stages meet at a barrier before the swap and
+    after it, so no rank reads a half-written folder; a stage only rank 0 computes passes False.
     """
+    from distillscale.launch import ranks
+
     folder = Path(folder)
     hashes = {k: input_hash(v) for k, v in inputs.items()}
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = StageOutput(tmp)
+    writer = ranks.is_rank_zero()
+    sync = collective and ranks.world_size() > 1
+    out = StageOutput(tmp if writer else tmp / f".rank{ranks.rank()}")
+    out.path.mkdir(parents=True, exist_ok=True)
     start = time.time()
     yield out
+    if sync:
+        ranks.barrier()  # every rank has finished writing
+    if not writer:
+        if sync:
+            ranks.barrier()  # rank 0 has swapped the finished folder into place
+        return
+    for scratch in tmp.glob(".rank*"):
+        shutil.rmtree(scratch)
     manifest = {
         "stage": stage,
         "config_hash": config_hash,
@@ -123,6 +141,8 @@ def atomic_stage(
     os.replace(tmp, folder)
     if old.exists():
         shutil.rmtree(old)
+    if sync:
+        ranks.barrier()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

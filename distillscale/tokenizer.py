@@ -4,6 +4,17 @@ A tiny teacher gets a word-level tokenizer (HF `tokenizers`, saved as a
 `PreTrainedTokenizerFast`, so `transformers.AutoTokenizer` loads it) in which every class name
 is one token: label-constrained scoring then reads one logit per class. A hub teacher brings
 its own tokenizer; class names then span several tokens and are scored by summed log-likelihood.
+
+The tiny family's format, with its thinking depths (the answer is always the class token right
+after `event :`, so `PromptEncoder.answer_pos` / `label_token_ids` identify it in every format):
+
+    label      <bos> headline : {text} event : {label} <eos>
+    cot_short  <bos> headline : {text} <think_short> {trace} </think> event : {label} <eos>
+    cot_long   <bos> headline : {text} <think_long> {trace} </think> event : {label} <eos>
+
+The thinking-depth token is chosen by the tokenizer's chat template (`thinking=none|short|long`,
+the tiny family's analogue of Qwen3's `enable_thinking`), so the teacher-supervision stage
+drives the tiny teacher exactly as it drives a hub teacher: through `apply_chat_template`.
 """
 
 from __future__ import annotations
@@ -18,6 +29,16 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 # Prompt: "<bos> headline : {text} event : {label} <eos>"
 PROMPT_HEAD = "headline :"
 PROMPT_TAIL = "event :"
+THINK_OPEN = {"cot_short": "<think_short>", "cot_long": "<think_long>"}
+THINK_CLOSE = "</think>"
+THINKING_TOKENS = (*THINK_OPEN.values(), THINK_CLOSE)
+# The tiny family's chat template: the user message is the headline; `thinking` picks the depth.
+CHAT_TEMPLATE = (
+    "{{ bos_token }} headline : {{ messages[-1]['content'] }}"
+    "{% if thinking is defined and thinking == 'short' %} <think_short>"
+    "{% elif thinking is defined and thinking == 'long' %} <think_long>"
+    "{% else %} event :{% endif %}"
+)
 
 
 def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1):
@@ -38,12 +59,19 @@ def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1
     vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS])}
     for w in list(labels) + words:
         vocab.setdefault(w, len(vocab))
+    for w in THINKING_TOKENS:
+        vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = norm
     tok.pre_tokenizer = pre
+    # Special tokens are matched before normalization and pre-tokenization, so "<think_long>"
+    # stays one token instead of "<", "think_long", ">".
+    tok.add_special_tokens([PAD, UNK, BOS, EOS, *THINKING_TOKENS])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS
+        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        additional_special_tokens=list(THINKING_TOKENS),
     )
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -61,10 +89,17 @@ class EncodedBatch:
     answer_mask: torch.Tensor  # [b, s] 1 at the position that predicts the label token
     answer_pos: torch.Tensor  # [b] index of that position
     label_ids: torch.Tensor  # [b] class index (into the taxonomy)
+    # [b] number of positions whose target is a trace token (thinking tokens, the trace,
+    # `</think> event :`); they end right before `answer_pos`. 0 in the `label` format.
+    trace_len: torch.Tensor | None = None
 
 
 class PromptEncoder:
-    """Turns (headline, label) rows into fixed-length token tensors for a decoder-only LM."""
+    """Turns (headline, label[, trace]) rows into token tensors for a decoder-only LM.
+
+    Batches are padded to their longest row (at most `seq_length`), so short formats cost
+    short sequences.
+    """
 
     def __init__(self, tokenizer, labels: list[str], seq_length: int):
         self.tok = tokenizer
@@ -84,6 +119,11 @@ class PromptEncoder:
                     "scoring of multi-token labels needs the evaluation issue's scorer"
                 )
             self.label_token_ids.append(ids[0])
+        # Tokenizers built before thinking depths existed have no thinking tokens: they can
+        # still encode the `label` format.
+        vocab = tokenizer.get_vocab()
+        self.think_open_ids = {d: vocab.get(t) for d, t in THINK_OPEN.items()}
+        self.think_close_id = vocab.get(THINK_CLOSE)
         overhead = 1 + len(self.head_ids) + len(self.tail_ids) + 2
         if seq_length <= overhead + 4:
             raise ValueError(f"seq_length={seq_length} leaves no room for the headline")
@@ -93,24 +133,58 @@ class PromptEncoder:
         body = self.tok.encode(text, add_special_tokens=False)[: self.max_text]
         return [self.bos_id] + self.head_ids + body + self.tail_ids
 
-    def encode(self, rows: list[dict]) -> EncodedBatch:
-        b, s = len(rows), self.seq_length
+    def sequence(self, text: str, label_index: int, trace: str | None = None,
+                 depth: str | None = None) -> tuple[list[int], int, int]:
+        """(ids, answer_pos, trace_len) of one row; a trace needs its depth (`cot_short` or
+        `cot_long`). The trace is cut so the whole sequence fits `seq_length`."""
+        label = self.label_token_ids[label_index]
+        if trace is None:
+            prompt = self.prompt_ids(text)
+            return prompt + [label, self.eos_id], len(prompt) - 1, 0
+        open_id = self.think_open_ids.get(depth)
+        if open_id is None or self.think_close_id is None:
+            raise ValueError(f"depth {depth!r}: this tokenizer has no thinking token for it")
+        head = [self.bos_id] + self.head_ids + self.tok.encode(
+            text, add_special_tokens=False)[: self.max_text] + [open_id]
+        tail = [self.think_close_id] + self.tail_ids
+        room = self.seq_length - len(head) - len(tail) - 2
+        body = self.tok.encode(trace, add_special_tokens=False)[: max(room, 0)]
+        ids = head + body + tail + [label, self.eos_id]
+        answer_pos = len(ids) - 3
+        # Targets from the first trace token through "event :" are the trace.
+        return ids, answer_pos, len(body) + len(tail)
+
+    def encode(self, rows: list[dict], depth: str | None = None) -> EncodedBatch:
+        """Rows `{"text", "label"}`; with `depth`, each row's `traces[depth]` goes between the
+        headline and the answer."""
+        index = {n: i for i, n in enumerate(self.labels)}
+        seqs = []
+        for row in rows:
+            trace = None
+            if depth is not None:
+                traces = row.get("traces") or {}
+                if depth not in traces or traces[depth] is None:
+                    raise KeyError(f"row {row.get('id', '?')}: no {depth!r} trace "
+                                   "(rows need traces from the teacher stage)")
+                trace = traces[depth]
+            seqs.append(self.sequence(row["text"], index[row["label"]], trace, depth))
+        b = len(rows)
+        s = max((len(ids) for ids, _, _ in seqs), default=2) - 1
         tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
         targets = torch.full((b, s), self.pad_id, dtype=torch.long)
         loss_mask = torch.zeros((b, s), dtype=torch.float32)
         answer_mask = torch.zeros((b, s), dtype=torch.float32)
         answer_pos = torch.zeros(b, dtype=torch.long)
+        trace_len = torch.zeros(b, dtype=torch.long)
         label_ids = torch.zeros(b, dtype=torch.long)
-        index = {n: i for i, n in enumerate(self.labels)}
-        for i, row in enumerate(rows):
-            prompt = self.prompt_ids(row["text"])
-            li = index[row["label"]]
-            seq = prompt + [self.label_token_ids[li], self.eos_id]
+        for i, (row, (seq, pos, tl)) in enumerate(zip(rows, seqs)):
             n = len(seq)
             tokens[i, : n - 1] = torch.tensor(seq[:-1])
             targets[i, : n - 1] = torch.tensor(seq[1:])
             loss_mask[i, : n - 1] = 1.0
-            answer_pos[i] = len(prompt) - 1
-            answer_mask[i, len(prompt) - 1] = 1.0
-            label_ids[i] = li
-        return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids)
+            answer_pos[i] = pos
+            answer_mask[i, pos] = 1.0
+            trace_len[i] = tl
+            label_ids[i] = index[row["label"]]
+        return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids,
+                            trace_len)

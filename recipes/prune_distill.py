@@ -22,9 +22,10 @@ def main(argv: list[str]) -> int:
         return 2
     pipeline.run_data(cfg)                      # in-domain headlines, stratified splits
     pipeline.run_teacher(cfg)                   # the teacher (trained tiny, or loaded)
-    for student in cfg.students:
-        pipeline.run_prune(cfg, student)        # ModelOpt Minitron: width or depth
-        pipeline.run_distill(cfg, student)      # ModelOpt logit distillation
+    for student in cfg.students:                # prune.schedule: one_shot | uniform | decayed
+        for step, _pruned, _distilled in pipeline.student_folders(cfg, student):
+            pipeline.run_prune(cfg, student, step)    # ModelOpt Minitron: width or depth
+            pipeline.run_distill(cfg, student, step)  # logit_kd (ModelOpt) or lora_kd (peft)
     pipeline.run_eval(cfg)                      # macro F1 / accuracy with bootstrap CIs
     pipeline.run_fit(cfg)                       # metric vs compression ratio
     pipeline.run_report(cfg)                    # results.csv, report.md, plots/

@@ -1,4 +1,5 @@
-"""Thin entry point: `python tools/fit.py CONFIG [key=value ...]` == `distillscale fit ...`."""
+"""Thin entry point: `python tools/fit.py CONFIG [key=value ...]` or
+`python tools/fit.py --results results.parquet --out DIR` == `distillscale fit ...`."""
 
 import sys
 

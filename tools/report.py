@@ -1,4 +1,5 @@
-"""Thin entry point: `python tools/report.py CONFIG [key=value ...]` == `distillscale report ...`."""
+"""Thin entry point: `python tools/report.py CONFIG [key=value ...]` or
+`python tools/report.py --results R --fits DIR --out DIR` == `distillscale report ...`."""
 
 import sys
 

@@ -1,23 +1,33 @@
 """The `data` stage: make (or import) labelled headlines and split them.
 
 Output folder: `train.jsonl`, `val.jsonl`, `test.jsonl` (`id`, `text`, `label`, `gold_label`),
-`rejects.jsonl` (`row`, `reason`, `raw`) and `manifest.json` with `rows_in`, `rows_kept`,
-`rows_rejected`. Every input row ends up either kept or rejected with a reason.
+`rejects.jsonl` (`row`, `reason`, `raw`), `dataset_card.md` with its PNGs, and
+`manifest.json` with `rows_in`, `rows_kept`, `rows_rejected`. Every input row ends up either
+kept or rejected with a reason; the build fails if `rows_in != rows_kept + rows_rejected`.
+
+Generators: `templates` (minimal, fast), `designer` (the data recipe, `recipe.py`), `file`
+(a user's own CSV / JSONL / Parquet, `io.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from sklearn.model_selection import train_test_split
 
+from distillscale.config import DataConfig
+from distillscale.data.card import write_card
 from distillscale.data.generate import generate_headlines
 from distillscale.data.io import read_table_rows
 from distillscale.domain import Taxonomy
+
+console = Console(stderr=True)
 
 SPLITS = ("train", "val", "test")
 
@@ -27,9 +37,14 @@ def row_id(text: str) -> str:
 
 
 def validate_rows(
-    raw_rows: list[dict], taxonomy: Taxonomy
+    raw_rows: list[dict], taxonomy: Taxonomy, language: str | None = None
 ) -> tuple[list[dict], list[dict]]:
-    """Keep rows with a non-empty text and a known label; exact duplicates are rejected."""
+    """Keep rows with a non-empty text and a known label; exact duplicates are rejected.
+
+    With `language`, rows that cld2 identifies as another language are rejected too (the
+    Curator filter of the recipe, applied row by row: an import is not worth a Ray start).
+    """
+    language_ok = _language_check(language) if language else None
     known = set(taxonomy.labels)
     alias = {a.lower(): c.name for c in taxonomy.classes for a in c.aliases}
     kept, rejects, seen = [], [], {}
@@ -43,8 +58,15 @@ def validate_rows(
         if not text:
             rejects.append({"row": i, "reason": "empty text", "raw": raw})
             continue
+        if "\ufffd" in text:
+            # The CSV reader replaces undecodable bytes: the original text is lost.
+            rejects.append({"row": i, "reason": "invalid UTF-8 in text", "raw": raw})
+            continue
         if label not in known:
             rejects.append({"row": i, "reason": f"unknown label {label!r}", "raw": raw})
+            continue
+        if language_ok is not None and not language_ok(text):
+            rejects.append({"row": i, "reason": _language_reason(language), "raw": raw})
             continue
         rid = row_id(text)
         if rid in seen:
@@ -55,6 +77,17 @@ def validate_rows(
             {"id": rid, "text": text, "label": label, "gold_label": raw.get("gold_label", label)}
         )
     return kept, rejects
+
+
+def _language_check(language: str):
+    from distillscale.data.curate import _english_filter_cls
+
+    flt = _english_filter_cls()(min_percent=50, language=language)
+    return lambda text: flt.keep_document(flt.score_document(text))
+
+
+def _language_reason(language: str) -> str:
+    return "non-English (cld2)" if language == "en" else f"language is not {language} (cld2)"
 
 
 def stratified_split(
@@ -96,42 +129,119 @@ def read_jsonl(path: Path) -> list[dict]:
 def build_dataset(
     out: Path,
     taxonomy: Taxonomy,
+    data: DataConfig,
     *,
-    generator: str,
-    num_examples: int,
-    target_distribution: str,
-    min_per_class: int,
-    val_fraction: float,
-    test_fraction: float,
     seed: int,
-    source_path: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
 ) -> dict:
-    """Write the dataset into `out`; returns the manifest metrics."""
-    if generator == "templates":
-        raw = generate_headlines(
-            taxonomy, num_examples, target_distribution, min_per_class, seed
-        )
+    """Write the dataset, its rejects and its card into `out`; returns the manifest metrics."""
+    out = Path(out)
+    card_extra: dict = {}
+    if data.generator == "designer":
+        from distillscale.data.recipe import STAGES, run_recipe
+
+        result = run_recipe(taxonomy, recipe_settings(data), out / "work", seed)
+        # Data Designer's per-round artifacts are intermediate: the splits and rejects hold
+        # every row, so they do not ship with the data set.
+        shutil.rmtree(out / "work", ignore_errors=True)
+        kept = result.kept.to_dict(orient="records")
+        rejects = result.rejects
+        rows_in = result.rows_in
+        emb_index = {rid: i for i, rid in enumerate(result.kept["id"])}
+        card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder}
+        source = "designer"
     else:
-        raw = read_table_rows(Path(source_path), text_column, label_column)
-    kept, rejects = validate_rows(raw, taxonomy)
-    if len(kept) + len(rejects) != len(raw):
+        if data.generator == "templates":
+            raw = generate_headlines(
+                taxonomy, data.num_examples, data.target_distribution, data.min_per_class, seed
+            )
+            source = "templates"
+        else:
+            raw = read_table_rows(Path(data.source_path), text_column, label_column)
+            source = str(data.source_path)
+        kept, rejects = validate_rows(
+            raw, taxonomy, language=data.language if data.generator == "file" else None
+        )
+        rows_in = len(raw)
+    if len(kept) + len(rejects) != rows_in:
         raise RuntimeError(
-            f"row accounting broken: in={len(raw)} kept={len(kept)} rejected={len(rejects)}"
+            f"row accounting broken: in={rows_in} kept={len(kept)} rejected={len(rejects)}"
         )
     if not kept:
-        raise ValueError(f"{source_path or 'generator'}: no valid rows (see rejects.jsonl)")
-    splits = stratified_split(kept, val_fraction, test_fraction, seed)
+        raise ValueError(f"{source}: no valid rows (see rejects.jsonl)")
+    console.print(f"data: in={rows_in:,} = kept {len(kept):,} + rejected {len(rejects):,}")
+    splits = stratified_split(kept, data.val_fraction, data.test_fraction, seed)
     for name in SPLITS:
         write_jsonl(out / f"{name}.jsonl", splits[name])
     write_jsonl(out / "rejects.jsonl", rejects)
     hist = Counter(r["label"] for r in kept)
-    return {
-        "rows_in": len(raw),
+    metrics = {
+        "rows_in": rows_in,
         "rows_kept": len(kept),
         "rows_rejected": len(rejects),
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "classes_present": len(hist),
         "label_histogram": dict(sorted(hist.items())),
+        "generator": data.generator,
     }
+    reasons = Counter(_reason_kind(r["reason"]) for r in rejects)
+    metrics["reject_reasons"] = dict(reasons.most_common())
+    if card_extra:
+        metrics["rounds"] = card_extra["rounds"]
+        gen = sum(r["generated"] for r in card_extra["rounds"])
+        metrics["cumulative_dedup_rate"] = 1 - sum(r["kept"] for r in card_extra["rounds"]) / max(
+            gen, 1)
+        emb = result.embeddings
+        if emb is not None:
+            train_idx = [emb_index[r["id"]] for r in splits["train"]]
+            card_extra["embeddings"] = emb[train_idx]
+            card_extra["embedding_labels"] = [r["label"] for r in splits["train"]]
+    settings = {
+        "generator": data.generator, "target_distribution": data.target_distribution,
+        "seed": seed, "taxonomy": taxonomy.name,
+    }
+    if data.generator == "designer":
+        settings.update({
+            "synthesis": f"Data Designer, {'LLM ' + data.llm.model if data.llm else 'offline'}",
+            "max_rounds": data.max_rounds, "near_dup_threshold": data.near_dup_threshold,
+            "semantic_threshold": data.semantic_threshold if data.semantic_dedup else "off",
+        })
+    metrics["card_figures"] = write_card(
+        out, taxonomy, splits, metrics, reject_reasons=reasons, settings=settings,
+        umap_points=data.card_umap_points, seed=seed,
+        rounds=card_extra.get("rounds"), stages=card_extra.get("stages", ()),
+        embeddings=card_extra.get("embeddings"),
+        embedding_labels=card_extra.get("embedding_labels"), embedder=card_extra.get("embedder"),
+    )
+    return metrics
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its row-specific part (`duplicate of id X` -> `duplicate`)."""
+    for cut in (" of id ", " line ", " ("):
+        if cut in reason:
+            return reason.split(cut)[0] + (" line" if cut == " line " else "")
+    return reason
+
+
+def recipe_settings(data: DataConfig):
+    from distillscale.data.curate import FilterSettings
+    from distillscale.data.recipe import RecipeSettings
+    from distillscale.data.synth import LLMSettings
+
+    llm = None
+    if data.llm is not None:
+        llm = LLMSettings(**data.llm.model_dump())
+    return RecipeSettings(
+        rows=data.num_examples, target_distribution=data.target_distribution,
+        min_per_class=data.min_per_class, max_rounds=data.max_rounds,
+        near_threshold=data.near_dup_threshold, semantic=data.semantic_dedup,
+        semantic_threshold=data.semantic_threshold, semantic_clusters=data.semantic_clusters,
+        embedding=data.embedding, quantize_embeddings=data.quantize_embeddings,
+        fewshot_k=data.fewshot_k,
+        filters=FilterSettings(min_words=data.min_words, max_words=data.max_words,
+                               max_non_alnum_ratio=data.max_non_alnum_ratio,
+                               language=data.language),
+        llm=llm,
+    )

@@ -1,7 +1,8 @@
 """Minimal offline headline generator: fill each class's templates from the taxonomy's slots.
 
-The full data recipe (Data Designer synthesis + NeMo-Curator curation) replaces this behind the
-same `data` stage; this generator keeps the quickstart fast and dependency-light.
+The full data recipe (`generator: designer`: Data Designer synthesis + NeMo-Curator curation,
+see `recipe.py`) uses the same templates; this generator keeps the quickstart fast and
+dependency-light (no Ray, no embedding model).
 """
 
 from __future__ import annotations
@@ -9,11 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from distillscale.domain import SLOT, RangeSlot, Taxonomy
-
-# Wire-style decorations that add noise without changing the event: a classifier must read
-# the whole headline, not one prefix.
-PREFIXES = ["", "", "", "", "UPDATE 1-", "BRIEF-", "RPT-", "EXCLUSIVE-"]
-SUFFIXES = ["", "", "", "", " - filing", " - sources", " - statement", " - report"]
 
 
 def class_counts(
@@ -44,14 +40,15 @@ def _fill(slot: str, spec, rng: np.random.Generator) -> str:
     return str(spec[int(rng.integers(len(spec)))])
 
 
-def render(template: str, taxonomy: Taxonomy, rng: np.random.Generator) -> str:
-    return SLOT.sub(lambda m: _fill(m.group(1), taxonomy.slots[m.group(1)], rng), template)
+def render(template: str, slots: dict, rng: np.random.Generator) -> str:
+    return SLOT.sub(lambda m: _fill(m.group(1), slots[m.group(1)], rng), template)
 
 
 def generate_headlines(
     taxonomy: Taxonomy, n: int, target_distribution: str, min_per_class: int, seed: int
 ) -> list[dict]:
     rng = np.random.default_rng(seed)
+    slots = taxonomy.slot_values(seed)
     rows = []
     for name, count in class_counts(taxonomy, n, target_distribution, min_per_class).items():
         cls = next(c for c in taxonomy.classes if c.name == name)
@@ -60,9 +57,9 @@ def generate_headlines(
         for _ in range(count):
             t = cls.templates[int(rng.integers(len(cls.templates)))]
             text = (
-                PREFIXES[int(rng.integers(len(PREFIXES)))]
-                + render(t, taxonomy, rng)
-                + SUFFIXES[int(rng.integers(len(SUFFIXES)))]
+                taxonomy.prefixes[int(rng.integers(len(taxonomy.prefixes)))]
+                + render(t, slots, rng)
+                + taxonomy.suffixes[int(rng.integers(len(taxonomy.suffixes)))]
             )
             rows.append({"text": text, "label": name, "gold_label": name})
     order = rng.permutation(len(rows))

@@ -1,7 +1,14 @@
-"""In-domain evaluation: label-constrained predictions and metrics with bootstrap CIs.
+"""In-domain evaluation: predictions and metrics with bootstrap CIs.
 
-Label-constrained scoring reads, at the answer position, the logits of the class tokens only
-and takes the argmax: no parse failures, so the metric measures the classifier, not the format.
+Two scoring modes:
+- label-constrained: at the answer position, the logits of the class tokens only, argmax: no
+  parse failures, so the metric measures the classifier, not the format;
+- generative: greedy decoding of the model's own output (its reasoning, then the answer), the
+  class parsed from the text after the reasoning; unparseable outputs count as wrong and their
+  share is reported as `parse_failure_rate`.
+
+Every metric (macro / weighted F1, accuracy, gold-label accuracy, per-class F1, each
+confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resampled rows.
 """
 
 from __future__ import annotations
@@ -27,6 +34,96 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
     return torch.cat(preds).numpy()
 
 
+@torch.no_grad()
+def generate_labels(
+    model, encoder: PromptEncoder, rows: list[dict], max_new_tokens: int = 48,
+    depth: str | None = None, batch_size: int = 128,
+) -> tuple[np.ndarray, list[str]]:
+    """Greedy generation, then `parse_answer`: (class index or -1 per row, generated texts).
+
+    With `depth` (`cot_short` / `cot_long`) the prompt opens the model's reasoning with that
+    thinking token, as the CoT-supervised students were trained; otherwise it ends at the
+    answer cue and the model answers directly.
+    """
+    texts: list[str] = []
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        prompts = []
+        for r in rows[i : i + batch_size]:
+            ids = encoder.prompt_ids(r["text"])
+            if depth is not None:
+                open_id = encoder.think_open_ids.get(depth)
+                if open_id is None:
+                    raise ValueError(f"depth {depth!r}: this tokenizer has no thinking token")
+                ids = ids[: len(ids) - len(encoder.tail_ids)] + [open_id]
+            prompts.append(ids)
+        gen = _greedy(model, encoder, prompts, max_new_tokens)
+        if depth is not None:
+            # The reasoning was opened by the prompt: keep its marker so that an output that
+            # never closes it parses as "no answer", not as the classes it mentions.
+            gen = [f"{encoder.tok.convert_ids_to_tokens(open_id)} {g}" for g in gen]
+        texts += gen
+    preds = np.array([parse_answer(t, encoder.labels) for t in texts], dtype=int)
+    return preds, texts
+
+
+def _greedy(model, encoder: PromptEncoder, prompts: list[list[int]], max_new: int) -> list[str]:
+    # Full recompute per step (no KV cache): the models scored this way on CPU are tiny, and
+    # megatron-core's inference engine needs CUDA. Left padding keeps every row's last prompt
+    # token at the same position.
+    budget = encoder.seq_length
+    seqs = [p[-(budget - 1):] for p in prompts]
+    done = [False] * len(seqs)
+    out: list[list[int]] = [[] for _ in seqs]
+    for _ in range(max_new):
+        width = max(len(s) for s in seqs)
+        if width >= budget or all(done):
+            break
+        toks = torch.full((len(seqs), width), encoder.pad_id, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            toks[j, width - len(s):] = torch.tensor(s)
+        nxt = forward_logits(model, toks)[:, -1].argmax(-1).tolist()
+        for j, t in enumerate(nxt):
+            if done[j]:
+                continue
+            if t == encoder.eos_id:
+                done[j] = True
+                continue
+            seqs[j].append(t)
+            out[j].append(t)
+    return [encoder.tok.decode(o, skip_special_tokens=False) for o in out]
+
+
+def parse_answer(text: str, labels: list[str], aliases: dict[str, list[str]] | None = None) -> int:
+    """Class index named in the answer part of `text`, or -1 (a parse failure).
+
+    The answer part is what follows the last `</think>` (the end of the reasoning), and within
+    it what follows the last answer cue (`event :` / `answer:`) if any; the first class name
+    (or alias) found there is the answer. Class names inside the reasoning never count.
+    """
+    import re
+
+    low = text.lower()
+    if "</think>" in low:
+        low = low.rsplit("</think>", 1)[1]
+    elif "<think" in low:
+        return -1  # reasoning never closed: no answer was given
+    cues = [m.end() for m in re.finditer(r"(event\s*:|answer\s*:)", low)]
+    if cues:
+        low = low[cues[-1]:]
+    names = {n.lower(): i for i, n in enumerate(labels)}
+    for i, n in enumerate(labels):
+        for a in (aliases or {}).get(n, []):
+            names.setdefault(a.lower(), i)
+    best, where, best_len = -1, len(low) + 1, 0
+    for name, i in names.items():
+        m = re.search(r"(?<![\w])" + re.escape(name) + r"(?![\w])", low)
+        # Earliest mention wins; at the same place the longer name (a more specific class).
+        if m and (m.start() < where or (m.start() == where and len(name) > best_len)):
+            best, where, best_len = i, m.start(), len(name)
+    return best
+
+
 def _from_confusion(cm: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Macro / weighted F1 and accuracy from a confusion matrix (rows = truth), restricted to
     `labels` as scikit-learn's `f1_score(labels=...)` is. Computing them from counts lets the
@@ -50,34 +147,94 @@ def score(
     y_gold: np.ndarray | None = None,
     bootstrap: int = 200,
     seed: int = 0,
+    parse_failures: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Each metric's value and percentile-bootstrap 95% CI (rows resampled with replacement).
+    """Each headline metric's value and percentile-bootstrap 95% CI (rows resampled with
+    replacement). `score_detailed` adds per-class F1 and the confusion matrix.
 
     F1 averages over the classes that occur in the labels or the predictions (scikit-learn's
-    default): a class absent from a small test split neither helps nor hurts.
+    default): a class absent from a small test split neither helps nor hurts. A prediction of
+    -1 (generative output with no parseable class) is wrong for every class; with
+    `parse_failures` its share is reported as `parse_failure_rate`.
     `gold_accuracy` compares with the class each headline was generated for.
     """
+    return score_detailed(y_true, y_pred, y_gold, bootstrap, seed, parse_failures)[0]
+
+
+def _ci(point: float, samples: np.ndarray, bootstrap: int) -> dict[str, float]:
+    lo = hi = point
+    if bootstrap:
+        lo, hi = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
+    return {"value": float(point), "ci_low": lo, "ci_high": hi}
+
+
+def score_detailed(
+    y_true, y_pred, y_gold=None, bootstrap: int = 200, seed: int = 0,
+    parse_failures: bool = False, class_names: list[str] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[dict], list[dict]]:
+    """(headline metrics, per-class F1 rows, confusion-matrix rows), all with 95% CIs.
+
+    Per-class rows: `label`, `support`, `value` (F1), `ci_low`, `ci_high`. Confusion rows:
+    `true`, `pred` (`<no answer>` for parse failures), `count`, `ci_low`, `ci_high` (counts
+    under resampling), for every cell that is non-zero in the data.
+    """
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
-    k = int(max(y_true.max(), y_pred.max())) + 1
-    labels = np.unique(np.concatenate([y_true, y_pred]))
     n = len(y_true)
+    if n == 0:
+        raise ValueError("no rows to score")
+    k = int(max(y_true.max(), y_pred.max(), 0)) + 1
+    if class_names is not None:
+        k = max(k, len(class_names))
+    failed = y_pred < 0
+    # Parse failures go to an extra "no answer" column k: wrong for every class.
+    p_col = np.where(failed, k, y_pred)
+    labels = np.unique(np.concatenate([y_true, y_pred[~failed]]))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, (bootstrap, n))
 
     def confusion(y, p):
-        return np.bincount(y * k + p, minlength=k * k).reshape(k, k)
+        return np.bincount(y * (k + 1) + p, minlength=k * (k + 1)).reshape(k, k + 1)
 
-    point = _from_confusion(confusion(y_true, y_pred), labels)
-    samples = [_from_confusion(confusion(y_true[d], y_pred[d]), labels) for d in draws]
+    cm = confusion(y_true, p_col)
+    cms = np.stack([confusion(y_true[d], p_col[d]) for d in draws]) if bootstrap else cm[None]
+    point = _from_confusion(cm, labels)
+    samples = [_from_confusion(c, labels) for c in cms]
+    extra_point: dict[str, float] = {}
+    extra_samples: dict[str, np.ndarray] = {}
     if y_gold is not None:
         y_gold = np.asarray(y_gold)
-        point["gold_accuracy"] = float((y_gold == y_pred).mean())
-        for d, smp in zip(draws, samples):
-            smp["gold_accuracy"] = float((y_gold[d] == y_pred[d]).mean())
-    out: dict[str, dict[str, float]] = {}
-    for name, value in point.items():
-        lo = hi = value
-        if bootstrap:
-            lo, hi = (float(v) for v in np.percentile([s[name] for s in samples], [2.5, 97.5]))
-        out[name] = {"value": value, "ci_low": lo, "ci_high": hi}
-    return out
+        hit = (y_gold == y_pred).astype(float)
+        extra_point["gold_accuracy"] = hit.mean()
+        extra_samples["gold_accuracy"] = hit[draws].mean(1) if bootstrap else hit.mean()[None]
+    if parse_failures:
+        extra_point["parse_failure_rate"] = failed.mean()
+        extra_samples["parse_failure_rate"] = (
+            failed[draws].mean(1) if bootstrap else failed.mean()[None])
+    out = {name: _ci(v, np.array([s[name] for s in samples]), bootstrap)
+           for name, v in point.items()}
+    out.update({name: _ci(v, extra_samples[name], bootstrap) for name, v in extra_point.items()})
+
+    names = class_names or [str(i) for i in range(k)]
+    f1_all = _per_class_f1(cms)  # [draws, k]
+    f1_point = _per_class_f1(cm[None])[0]
+    support = cm.sum(1)
+    per_class = []
+    for c in labels:
+        row = {"label": names[c], "support": int(support[c]),
+               **_ci(f1_point[c], f1_all[:, c], bootstrap)}
+        per_class.append(row)
+    cells = []
+    lo, hi = (np.percentile(cms, [2.5, 97.5], axis=0) if bootstrap else (cm, cm))
+    for t, p in zip(*np.nonzero(cm)):
+        cells.append({"true": names[t], "pred": names[p] if p < k else "<no answer>",
+                      "count": int(cm[t, p]), "ci_low": float(lo[t, p]),
+                      "ci_high": float(hi[t, p])})
+    return out, per_class, cells
+
+
+def _per_class_f1(cms: np.ndarray) -> np.ndarray:
+    """F1 of every class in each of a stack of confusion matrices [b, k, k + 1]."""
+    k = cms.shape[1]
+    tp = cms[:, np.arange(k), np.arange(k)].astype(float)
+    denom = cms.sum(2)[:, :k] + cms.sum(1)[:, :k]
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)

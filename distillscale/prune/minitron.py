@@ -10,8 +10,11 @@ pruned weights really have the requested shape, returned as a fresh plain GPTMod
 from __future__ import annotations
 
 import bisect
+import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -76,6 +79,7 @@ def choose_shape(
     ratio: float,
     hidden_size_divisor: int = 16,
     ffn_hidden_size_divisor: int = 32,
+    min_shape: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], float]:
     """A valid pruning target whose parameter count is closest to `ratio` x the teacher's.
 
@@ -85,8 +89,10 @@ def choose_shape(
     among near-ties the shape shrinking hidden and ffn most evenly wins.
     depth: num_layers in 1..L-1.
     Returns (target with only the changed keys, achieved ratio). The teacher shape itself is never
-    returned (a target always prunes something).
+    returned (a target always prunes something). `min_shape` (e.g. the final student of an
+    iterative schedule) bounds every dimension from below.
     """
+    floor = min_shape or {}
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     teacher = arch_params(arch, vocab_size)
@@ -95,7 +101,7 @@ def choose_shape(
         if arch.num_layers < 2:
             raise ValueError("depth pruning needs a teacher with at least 2 layers")
         best = min(
-            range(1, arch.num_layers),
+            range(max(1, floor.get("num_layers", 1)), arch.num_layers),
             key=lambda n: abs(_ratio(arch, {"num_layers": n}, vocab_size, teacher) - ratio),
         )
         target = {"num_layers": best}
@@ -109,9 +115,11 @@ def choose_shape(
         arch.num_attention_heads,
         arch.num_query_groups,
     )
-    hiddens = sorted(set(range(hidden_size_divisor, H, hidden_size_divisor)) | {H})
-    ffns = sorted(set(range(ffn_hidden_size_divisor, F, ffn_hidden_size_divisor)) | {F})
-    heads = list(range(G, N + 1, G))
+    hiddens = [h for h in sorted(set(range(hidden_size_divisor, H, hidden_size_divisor)) | {H})
+               if h >= floor.get("hidden_size", 0)]
+    ffns = [f for f in sorted(set(range(ffn_hidden_size_divisor, F, ffn_hidden_size_divisor)) | {F})
+            if f >= floor.get("ffn_hidden_size", 0)]
+    heads = [n for n in range(G, N + 1, G) if n >= floor.get("num_attention_heads", 0)]
     want = ratio * teacher
     cands = []
     for h in hiddens:
@@ -176,6 +184,7 @@ def prune_minitron(
     ffn_hidden_size_divisor: int = 32,
     inplace: bool = False,
     info: dict | None = None,
+    scores_dir: str | Path | None = None,
 ):
     """Prune `model` (of shape `arch`) to `target` with ModelOpt Minitron; return (student, arch).
 
@@ -185,7 +194,15 @@ def prune_minitron(
     place). The returned student is a freshly built plain GPTModel of the pruned shape holding the
     pruned weights, checked to reproduce the pruned model's logits. If `info` is given it receives
     `layer_scores` (1-indexed layer -> ModelOpt block-influence score, higher = more important),
-    `dropped_layers` (1-indexed) and `prune_seconds`.
+    `dropped_layers` (1-indexed), `prune_seconds` and `scores_cached` (whether the importance
+    scores came from `scores_dir`).
+
+    `scores_dir`: a cache of the importance scores of *this* model (ModelOpt's own search
+    checkpoint: per-rank activation statistics and layer scores). When it exists the calibration
+    forward loop is skipped and the cached scores rank the channels, heads and layers; otherwise
+    it is written once the scores are computed, so every other target pruned from the same model
+    (sibling students of one teacher, a resumed run) reuses them. Scores depend on the model's
+    weights: the caller keys the folder by the source model.
     """
     apply_modelopt_cpu_shims()
     import modelopt.torch.prune as mtp
@@ -208,15 +225,29 @@ def prune_minitron(
         ffn_hidden_size_divisor=ffn_hidden_size_divisor,
         num_layers_divisor=1,
     )
+    search_config: dict[str, Any] = {"forward_loop": forward_loop}
+    cached = False
+    if scores_dir is not None:
+        scores_dir = Path(scores_dir)
+        cached = scores_dir.is_dir()
+        # Written to a fresh sibling folder and renamed when complete: a run killed while
+        # ModelOpt writes its checkpoint never leaves a half-written cache behind.
+        work_dir = scores_dir if cached else _fresh_partial_dir(scores_dir)
+        # A file name, not a folder: ModelOpt 0.47 makes it per rank (`scores<rank>.pth`) and,
+        # when that is missing, falls back to the path itself, which for a folder path is then
+        # an existing directory that it tries to torch.load.
+        search_config["checkpoint"] = str(work_dir / "scores.pth")
     start = time.perf_counter()
     pruned, search_state = mtp.prune(
         work,
         mode=[("mcore_minitron", config)],
         constraints={"export_config": dict(target)},
         dummy_input=None,
-        config={"forward_loop": forward_loop},
+        config=search_config,
     )
     seconds = time.perf_counter() - start
+    if scores_dir is not None and not cached:
+        _publish_dir(work_dir, scores_dir)
 
     student = validate_pruned(pruned, new_arch, vocab_size, target)
     if info is not None:
@@ -226,8 +257,37 @@ def prune_minitron(
             layer_scores=scores,
             dropped_layers=sorted(ranked[new_arch.num_layers :]),
             prune_seconds=seconds,
+            scores_cached=cached,
         )
     return student, new_arch
+
+
+def _fresh_partial_dir(final: Path) -> Path:
+    """`.<name>.partial` next to `final`, emptied of anything a killed run left there (one name
+    for every rank, so all ranks' files land in one folder)."""
+    import torch.distributed as dist
+
+    tmp = final.with_name(f".{final.name}.partial")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tmp
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # every rank has written its own rank<r>.pth
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if final.is_dir():  # another process finished first: keep its (identical) scores
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def rank_layers_by_importance(model, arch: ModelArch, forward_loop) -> list[int]:

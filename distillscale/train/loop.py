@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distillscale.config import TrainConfig
+from distillscale.train import preemption
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,48 +68,87 @@ def train(
     checkpoint: Path,
     desc: str,
     eval_fn: Callable[[int], dict] | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> TrainResult:
-    """Minimise `loss_fn(batch_indices, step)` over `cfg.steps` steps with AdamW."""
+    """Minimise `loss_fn(batch_indices, step)` over `cfg.steps` steps with AdamW.
+
+    Each step's batch is split into `cfg.grad_accum_steps` micro-batches; `loss_fn` is called
+    once per micro-batch (it must return a mean over its examples) and the gradients of the
+    micro-batch losses, each weighted by its share of the batch, add up to the full batch's.
+    Logged scalars (loss, lr, everything `loss_fn` and `eval_fn` return) go to TensorBoard in
+    `tensorboard_dir` when given; a resumed run drops the events the killed run logged after
+    its checkpoint (`purge_step`), so the curves continue without duplicates.
+    """
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    preemption.install()
     start, history = 0, []
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+    writer = None
+    if tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Events after the checkpoint (steps > start) were logged by a killed run: drop them.
+        writer = SummaryWriter(str(tensorboard_dir), purge_step=start + 1 if start else None)
     model.train()
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-    ) as progress:
-        task = progress.add_task(desc, total=cfg.steps, completed=start, info="")
-        for step in range(start, cfg.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            idx = batch_indices(num_examples, cfg.batch_size, seed, step)
-            loss, logs = loss_fn(idx, step)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{desc}: non-finite loss ({loss.item()}) at step {step}; last good "
-                    f"checkpoint kept at {checkpoint if checkpoint.is_file() else '(none yet)'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = {"step": done, "loss": float(loss.detach()), **logs}
-                if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                    model.eval()
-                    rec.update(eval_fn(done))
-                    model.train()
-                history.append(rec)
-                progress.update(task, info=" ".join(
-                    f"{k}={v:.4g}" for k, v in rec.items() if k != "step" and isinstance(v, float)
-                ))
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(checkpoint, model, optimizer, done, history)
-            progress.update(task, completed=done)
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=False,
+        ) as progress:
+            task = progress.add_task(desc, total=cfg.steps, completed=start, info="")
+            for step in range(start, cfg.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                idx = batch_indices(num_examples, cfg.batch_size, seed, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, logs = 0.0, {}
+                for micro in np.array_split(idx, min(cfg.grad_accum_steps, len(idx))):
+                    micro_loss, micro_logs = loss_fn(micro, step)
+                    if not torch.isfinite(micro_loss):
+                        kept = checkpoint if checkpoint.is_file() else "(none yet)"
+                        raise NonFiniteLossError(
+                            f"{desc}: non-finite loss ({micro_loss.item()}) at step {step}; "
+                            f"last good checkpoint kept at {kept}"
+                        )
+                    share = len(micro) / len(idx)
+                    (micro_loss * share).backward()
+                    loss_sum += float(micro_loss.detach()) * share
+                    for k, v in micro_logs.items():  # batch means of the micro-batch logs
+                        logs[k] = logs.get(k, 0.0) + v * share if isinstance(v, float) else v
+                loss = torch.tensor(loss_sum)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    rec = {"step": done, "loss": float(loss.detach()), **logs}
+                    if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                        model.eval()
+                        rec.update(eval_fn(done))
+                        model.train()
+                    history.append(rec)
+                    if writer is not None:
+                        writer.add_scalar(f"{desc}/lr", lr_at(step, cfg), done)
+                        for k, v in rec.items():
+                            if k != "step" and isinstance(v, (int, float)):
+                                writer.add_scalar(f"{desc}/{k}", v, done)
+                        writer.flush()
+                    progress.update(task, info=" ".join(
+                        f"{k}={v:.4g}" for k, v in rec.items()
+                        if k != "step" and isinstance(v, float)
+                    ))
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    _save_checkpoint(checkpoint, model, optimizer, done, history)
+                progress.update(task, completed=done)
+                if done < cfg.steps and preemption.requested():  # SIGUSR1/SIGTERM from Slurm
+                    _save_checkpoint(checkpoint, model, optimizer, done, history)
+                    preemption.stop(desc, checkpoint, done)
+    finally:
+        if writer is not None:
+            writer.close()
     model.eval()
     return TrainResult(steps=cfg.steps, resumed_from=start, history=history)

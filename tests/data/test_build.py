@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from distillscale.cli import main
+from distillscale.config import DataConfig
 from distillscale.data.build import build_dataset, read_jsonl, stratified_split
 from distillscale.domain import load_taxonomy
 
@@ -18,9 +19,8 @@ def taxonomy():
 
 
 def test_generator_covers_every_class_with_floor(tmp_path, taxonomy):
-    m = build_dataset(tmp_path, taxonomy, generator="templates", num_examples=1500,
-                      target_distribution="natural", min_per_class=10, val_fraction=0.1,
-                      test_fraction=0.2, seed=0)
+    data = DataConfig(generator="templates", num_examples=1500, min_per_class=10)
+    m = build_dataset(tmp_path, taxonomy, data, seed=0)
     assert m["classes_present"] == 35
     assert min(m["label_histogram"].values()) >= 10 - m["rows_rejected"]
     assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"]
@@ -29,6 +29,9 @@ def test_generator_covers_every_class_with_floor(tmp_path, taxonomy):
     # natural prior: the head class is far more frequent than the tail
     hist = m["label_histogram"]
     assert hist["stock_price_movement"] > 5 * hist["accounting_restatement"]
+    card = (tmp_path / "dataset_card.md").read_text()
+    assert "| accounting_restatement |" in card and "class_histogram.png" in card
+    assert m["card_figures"] == ["class_histogram.png", "length_distribution.png"]
 
 
 def test_split_is_deterministic_and_stratified(taxonomy):
@@ -76,3 +79,40 @@ def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
                str(TAXONOMY), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "none.csv: input not found" in capsys.readouterr().err
+
+
+def test_csv_import_keeps_every_row_and_maps_columns(tmp_path):
+    src = tmp_path / "mine.csv"
+    body = "title,event\n" + "".join(f"Acme {i} files for Chapter 11 protection,bankruptcy\n"
+                                     for i in range(12))
+    body += ",bankruptcy\nBeta Corp cuts dividend,not_a_class\n"
+    body += "La Banque centrale européenne maintient ses taux directeurs,macro_policy\n"
+    src.write_bytes(body.encode() + b"Gamma \xff\xfe wins order,new_contract\n")
+    out = tmp_path / "ds"
+    rc = main(["data", "import", "--input", str(src), "--domain", str(TAXONOMY),
+               "--out", str(out), "--text-column", "title", "--label-column", "event"])
+    assert rc == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert (man["rows_in"], man["rows_kept"], man["rows_rejected"]) == (16, 12, 4)
+    reasons = sorted(r["reason"] for r in read_jsonl(out / "rejects.jsonl"))
+    assert reasons == ["empty text", "invalid UTF-8 in text", "non-English (cld2)",
+                       "unknown label 'not_a_class'"]
+    rejected = read_jsonl(out / "rejects.jsonl")
+    assert {r["row"] for r in rejected} == {12, 13, 14, 15}  # 0-based data rows
+    assert all(r["raw"] for r in rejected)  # the raw input is kept
+
+
+def test_unknown_override_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["data", "build", "--rows", "50", "--out", str(tmp_path / "o"), "max_rounds=0"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: command line: data.max_rounds:") and "\n" not in err
+
+
+def test_faker_slot_pools_are_seeded_unique_and_filtered(taxonomy):
+    a, b = taxonomy.slot_values(0), taxonomy.slot_values(0)
+    assert a["company"] == b["company"]
+    assert len(a["company"]) == len(set(a["company"])) == 4000
+    assert not any(", " in c for c in a["company"])  # `exclude` drops "A, B and C" names
+    assert a["company"] != taxonomy.slot_values(1)["company"]
+    assert all(len(t) == 4 and t.isupper() for t in a["ticker"])

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from distillscale.config import DistillConfig, LossConfig, ModelArch, TrainConfig
-from distillscale.distill.logit_kd import alpha_at, make_kd_model, masked_mean
+from distillscale.distill.logit_kd import make_kd_model
 from distillscale.models.megatron_gpt import build_gpt, causal_mask, forward_logits
 
 VOCAB = 64
@@ -17,9 +17,10 @@ def _pos(tokens):
     return torch.arange(s).unsqueeze(0).expand(b, s)
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_modelopt_kl_matches_brute_force(megatron, kind, temperature):
+@pytest.mark.parametrize("chunk", [0, 5])  # 0: ModelOpt's LogitsKLLoss (KL), >0: chunked criterion
+def test_modelopt_kl_matches_brute_force(megatron, kind, temperature, chunk):
     torch.manual_seed(0)
     teacher, student = build_gpt(ARCH, VOCAB), build_gpt(SMALL, VOCAB)
     with torch.no_grad():  # a non-trivial teacher distribution
@@ -31,9 +32,12 @@ def test_modelopt_kl_matches_brute_force(megatron, kind, temperature):
     pt, ps = lt.softmax(-1), ls.softmax(-1)
     if kind == "forward_kl":
         ref = (pt * (pt.log() - ps.log())).sum(-1)
-    else:
+    elif kind == "reverse_kl":
         ref = (ps * (ps.log() - pt.log())).sum(-1)
-    cfg = DistillConfig(loss=LossConfig(kind=kind, temperature=temperature))
+    else:
+        m = 0.5 * (pt + ps)
+        ref = 0.5 * (pt * (pt.log() - m.log())).sum(-1) + 0.5 * (ps * (ps.log() - m.log())).sum(-1)
+    cfg = DistillConfig(loss=LossConfig(kind=kind, temperature=temperature, chunk_tokens=chunk))
     kd = make_kd_model(student, teacher, cfg)
     kd.train()
     kd(tokens, _pos(tokens), causal_mask(16))
@@ -57,14 +61,15 @@ def test_distillation_lowers_kl_and_unwraps_to_plain_student(megatron, tmp_path)
         teacher.output_layer.weight.mul_(10)
 
     class Enc:  # the minimal encoder surface `supervision_batch` needs
-        def encode(self, rows):
+        def encode(self, rows, depth=None):
             from distillscale.tokenizer import EncodedBatch
 
             g = torch.Generator().manual_seed(7)
             tokens = torch.randint(4, VOCAB, (len(rows), 16), generator=g)
             ones = torch.ones(len(rows), 16)
-            return EncodedBatch(tokens, tokens, ones, ones, torch.zeros(len(rows), dtype=torch.long),
-                                torch.zeros(len(rows), dtype=torch.long))
+            zeros = torch.zeros(len(rows), dtype=torch.long)
+            # answer_pos 0 with trace_len 0: every position is supervised through answer_mask
+            return EncodedBatch(tokens, tokens, ones, ones, zeros, zeros, trace_len=zeros)
 
     rows = [{}] * 64
     batch = Enc().encode(rows)
@@ -86,11 +91,3 @@ def test_distillation_lowers_kl_and_unwraps_to_plain_student(megatron, tmp_path)
     # The exported student is a plain model: no teacher inside, forward works on its own.
     assert not any("teacher" in k for k in plain.state_dict())
     assert forward_logits(plain, batch.tokens[:2]).shape == (2, 16, VOCAB)
-
-
-def test_alpha_warmup_and_masked_mean():
-    assert alpha_at(0, 0.5, 10) == pytest.approx(0.05)
-    assert alpha_at(20, 0.5, 10) == 0.5
-    assert alpha_at(0, 0.7, 0) == 0.7
-    x = torch.tensor([[1.0, 2.0, 3.0]])
-    assert masked_mean(x, torch.tensor([[0.0, 1.0, 1.0]])).item() == pytest.approx(2.5)

@@ -233,3 +233,31 @@ def test_choose_shape_depth():
             for n in range(1, ARCH.num_layers)
         ]
         assert abs(achieved - ratio) == pytest.approx(min(abs(r - ratio) for r in ratios))
+
+
+def test_importance_scores_are_cached_and_reused(stack, tmp_path):
+    """Scores computed once per source model: a second target (another axis, too) pruned with
+    the cache runs no calibration forward pass and gives exactly the uncached result."""
+    from distillscale.prune.minitron import prune_minitron
+
+    _, teacher, _, loop = stack
+    calls = []
+
+    def counting_loop(model):
+        calls.append(1)
+        loop(model)
+
+    scores = tmp_path / "scores"
+    width = {"hidden_size": 96, "ffn_hidden_size": 256}
+    first: dict = {}
+    prune_minitron(teacher, ARCH, width, counting_loop, info=first, scores_dir=scores)
+    assert len(calls) == 1 and not first["scores_cached"]
+    assert scores.is_dir() and not (tmp_path / ".scores.partial").exists()
+    for target in (width, {"num_layers": 2}):
+        reference, _ = prune_minitron(teacher, ARCH, target, loop)
+        info: dict = {}
+        cached, _ = prune_minitron(teacher, ARCH, target, counting_loop, info=info,
+                                   scores_dir=scores)
+        assert info["scores_cached"] and len(calls) == 1
+        ref, got = reference.state_dict(), cached.state_dict()
+        assert all(torch.equal(ref[k], got[k]) for k in ref if torch.is_tensor(ref[k]))

@@ -1,0 +1,279 @@
+"""The FinHeadlineMix data recipe: iterative Data Designer rounds with global curation.
+
+Each round, as in the paper's data build:
+
+1. **generate** with Data Designer (`synth.py`), class weights set by the reweighting below;
+2. **clean and filter** with a NeMo-Curator pipeline (`curate.py`);
+3. **validate labels** (known class, non-empty text, a model reply that is a headline);
+4. **dedup against the whole corpus so far** - exact, then MinHash/LSH near-duplicates, then
+   semantic (MiniLM embeddings, k-means clusters, cosine threshold) - see `dedup.py`;
+5. **pick few-shot examples** per class: the kept headlines farthest from their class
+   centroid (the most unusual ones), which the next round's LLM prompts show; offline, the
+   next round's phrasing weights follow each phrasing's survival rate instead (phrasings that
+   keep producing duplicates are asked for less);
+6. **reweight** classes toward the target distribution (`natural` = the taxonomy's long-tail
+   prior, `balanced` = uniform): next round's weight of a class is its remaining deficit
+   divided by its observed survival rate, so rare or dedup-heavy classes catch up;
+
+and it stops once every class has reached its target (or after `max_rounds`). A class that
+overshoots is trimmed deterministically; trimmed rows are rejected with their reason, so
+`rows_in = rows_kept + rows_rejected` holds for the whole build.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from distillscale.data.curate import FilterSettings, run_curation
+from distillscale.data.dedup import ExactIndex, NearDupIndex, SemanticIndex, make_embedder
+from distillscale.data.generate import class_counts
+from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
+from distillscale.domain import Taxonomy
+
+console = Console(stderr=True)
+
+STAGES = ("filters", "labels", "exact", "near", "semantic")
+
+
+@dataclass
+class RecipeSettings:
+    rows: int
+    target_distribution: str = "natural"
+    min_per_class: int = 20
+    max_rounds: int = 6
+    # First-round oversampling, and the floor on later rounds' request (rows).
+    oversample: float = 1.05
+    min_round_rows: int = 200
+    near_threshold: float = 0.8
+    semantic: bool = True
+    semantic_threshold: float = 0.9
+    semantic_clusters: int = 100
+    embedding: str = "minilm"
+    quantize_embeddings: bool = False
+    fewshot_k: int = 5
+    filters: FilterSettings = field(default_factory=FilterSettings)
+    llm: LLMSettings | None = None
+
+
+@dataclass
+class RecipeResult:
+    kept: pd.DataFrame                      # id, text, label, gold_label, round
+    rejects: list[dict]                     # row, reason, raw
+    rounds: list[dict]                      # per-round counts by stage
+    fewshot: dict[str, list[str]]           # last round's picks per class
+    embeddings: np.ndarray | None           # aligned with `kept` (None without semantic)
+    embedder: str | None
+    targets: dict[str, int]
+    rows_in: int
+
+
+def farthest_from_centroid(emb: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k rows least similar to the (normalised) mean of `emb`."""
+    if len(emb) <= k:
+        return np.arange(len(emb))
+    c = emb.mean(axis=0)
+    c /= max(float(np.linalg.norm(c)), 1e-12)
+    return np.argsort(emb @ c, kind="stable")[:k]
+
+
+def next_class_weights(
+    targets: dict[str, int], have: dict[str, int], survival: dict[str, float]
+) -> tuple[dict[str, float], int]:
+    """Weights for the next round (deficit / survival) and the number of rows to ask for."""
+    weights, ask = {}, 0.0
+    for name, want in targets.items():
+        deficit = want - have.get(name, 0)
+        if deficit <= 0:
+            continue
+        s = min(max(survival.get(name, 1.0), 0.05), 1.0)
+        weights[name] = deficit / s
+        ask += deficit / s
+    return weights, math.ceil(ask)
+
+
+def run_recipe(
+    taxonomy: Taxonomy, settings: RecipeSettings, work_dir: Path, seed: int
+) -> RecipeResult:
+    work_dir = Path(work_dir)
+    slot_values = taxonomy.slot_values(seed)
+    targets = class_counts(taxonomy, settings.rows, settings.target_distribution,
+                           settings.min_per_class)
+    exact, near = ExactIndex(), NearDupIndex(settings.near_threshold, seed=seed + 1)
+    semantic = None
+    if settings.semantic:
+        embedder = make_embedder(settings.embedding, settings.quantize_embeddings,
+                                 show_progress=True)
+        semantic = SemanticIndex(embedder, settings.semantic_threshold,
+                                 settings.semantic_clusters, seed)
+    known = set(taxonomy.labels)
+    kept_parts: list[pd.DataFrame] = []
+    emb_parts: list[np.ndarray] = []
+    rejects: list[dict] = []
+    rounds: list[dict] = []
+    have: dict[str, int] = {}
+    survival: dict[str, float] = {}
+    pattern_weights: dict[str, list[float]] | None = None
+    fewshot: dict[str, list[str]] = {}
+    rows_in = 0
+    weights, ask = next_class_weights(targets, have, survival)
+    ask = math.ceil(ask * settings.oversample)
+    for r in range(1, settings.max_rounds + 1):
+        if not weights:
+            break
+        t0 = time.time()
+        spec = RoundSpec(max(ask, settings.min_round_rows), weights, pattern_weights, fewshot)
+        gen = synthesize(taxonomy, slot_values, spec, work_dir, name=f"round_{r:03d}",
+                         seed=seed * 1000 + r, llm=settings.llm)
+        gen["gold_label"] = gen["label"]
+        gen["round"] = r
+        gen["gid"] = [f"r{r}-{i}" for i in range(len(gen))]
+        rows_in += len(gen)
+        counts = {"round": r, "generated": len(gen)}
+
+        def reject(df: pd.DataFrame, reasons, stage: str, counts=counts, r=r) -> None:
+            counts[stage] = len(df)
+            for row, why in zip(df.itertuples(index=False), reasons):
+                rejects.append({"row": row.gid, "reason": why, "stage": stage, "raw": {
+                    "text": row.text, "label": row.label, "round": r,
+                }})
+
+        # 2. Curator cleaning and filters.
+        cur_in = gen[["gid", "text", "label", "gold_label", "round", "pattern"]].rename(
+            columns={"gid": "id"})
+        kept, bad = run_curation(cur_in, settings.filters, work_dir)
+        kept = kept.rename(columns={"id": "gid"})
+        bad = bad.rename(columns={"id": "gid"})
+        reject(bad, bad["reason"], "filters")
+        # 3. Label validation.
+        ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
+        if settings.llm is not None:
+            # A reply that repeats the prompt or refuses is not a headline of the class.
+            ok &= ~kept["text"].str.contains(r"Event class:|as an ai|I can(?:no|')t", case=False,
+                                             regex=True)
+        bad = kept[~ok]
+        reject(bad, [("unknown label " + repr(lb)) if lb not in known else "not a headline"
+                     for lb in bad["label"]], "labels")
+        kept = kept[ok].reset_index(drop=True)
+        kept["id"] = [row_id(t) for t in kept["text"]]
+        # 4. Global dedup: exact, near, semantic.
+        dup = exact.add(kept["text"].tolist(), kept["id"].tolist())
+        mask = np.array([d is None for d in dup], dtype=bool)
+        reject(kept[~mask], [f"exact duplicate of id {d}" for d in dup if d is not None], "exact")
+        kept = kept[mask].reset_index(drop=True)
+        dup = near.add(kept["text"].tolist(), kept["id"].tolist())
+        mask = np.array([d is None for d in dup], dtype=bool)
+        reject(kept[~mask], [f"near duplicate of id {d}" for d in dup if d is not None], "near")
+        kept = kept[mask].reset_index(drop=True)
+        emb = None
+        if semantic is not None:
+            dup, emb = semantic.add(kept["text"].tolist(), kept["id"].tolist())
+            mask = np.array([d is None for d in dup], dtype=bool)
+            reject(kept[~mask], [f"semantic duplicate of id {d} (cosine >= "
+                                 f"{settings.semantic_threshold})" for d in dup if d is not None],
+                   "semantic")
+            kept, emb = kept[mask].reset_index(drop=True), emb[mask]
+        else:
+            counts["semantic"] = 0
+        counts["kept"] = len(kept)
+        kept_parts.append(kept)
+        if emb is not None:
+            emb_parts.append(emb)
+        # 5. Survival by class and phrasing; few-shot picks.
+        gen_by = gen.groupby("label").size()
+        kept_by = kept.groupby("label").size()
+        for name, n in gen_by.items():
+            survival[name] = float(kept_by.get(name, 0)) / float(n)
+            have[name] = have.get(name, 0) + int(kept_by.get(name, 0))
+        pattern_weights = _pattern_survival(taxonomy, gen, kept)
+        fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True),
+                           np.vstack(emb_parts) if emb_parts else None, settings.fewshot_k, seed)
+        counts["cumulative_kept"] = sum(have.values())
+        counts["dedup_rate"] = 1 - len(kept) / max(len(gen), 1)
+        counts["seconds"] = round(time.time() - t0, 1)
+        rounds.append(counts)
+        console.print(
+            f"data round {r}: generated {len(gen):,}, kept {len(kept):,} "
+            f"(filters {counts['filters']}, labels {counts['labels']}, exact {counts['exact']}, "
+            f"near {counts['near']}, semantic {counts['semantic']}), corpus "
+            f"{counts['cumulative_kept']:,}/{settings.rows:,}, {counts['seconds']}s"
+        )
+        # 6. Reweight toward the target distribution.
+        weights, ask = next_class_weights(targets, have, survival)
+    corpus = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(
+        columns=["id", "text", "label", "gold_label", "round"])
+    embeddings = np.vstack(emb_parts) if emb_parts else None
+    corpus, embeddings, surplus = _trim_to_targets(corpus, embeddings, targets)
+    for row in surplus.itertuples(index=False):
+        rejects.append({"row": row.gid, "reason": f"surplus over class target ({row.label})",
+                        "stage": "trim", "raw": {"text": row.text, "label": row.label,
+                                                 "round": int(row.round)}})
+    _print_rounds(rounds)
+    return RecipeResult(
+        kept=corpus[["id", "text", "label", "gold_label", "round"]].reset_index(drop=True),
+        rejects=rejects, rounds=rounds, fewshot=fewshot, embeddings=embeddings,
+        embedder=semantic.embedder.name if semantic is not None else None,
+        targets=targets, rows_in=rows_in,
+    )
+
+
+def row_id(text: str) -> str:
+    from distillscale.data.build import row_id as _row_id
+
+    return _row_id(text)
+
+
+def _pattern_survival(taxonomy: Taxonomy, gen: pd.DataFrame, kept: pd.DataFrame) -> dict:
+    g = gen.groupby(["label", gen["pattern"].astype(int)]).size()
+    k = kept.groupby(["label", kept["pattern"].astype(int)]).size()
+    out = {}
+    for c in taxonomy.classes:
+        if c.name not in g.index.get_level_values(0):
+            continue
+        out[c.name] = [
+            (float(k.get((c.name, i), 0)) + 1.0) / (float(g.get((c.name, i), 0)) + 1.0)
+            for i in range(len(c.templates))
+        ]
+    return out
+
+
+def _fewshot(corpus: pd.DataFrame, emb: np.ndarray | None, k: int, seed: int) -> dict:
+    out = {}
+    rng = np.random.default_rng(seed)
+    for name, idx in corpus.groupby("label").indices.items():
+        if emb is not None:
+            pick = idx[farthest_from_centroid(emb[idx], k)]
+        else:
+            pick = rng.choice(idx, size=min(k, len(idx)), replace=False)
+        out[name] = corpus["text"].iloc[pick].tolist()
+    return out
+
+
+def _trim_to_targets(corpus: pd.DataFrame, emb: np.ndarray | None, targets: dict[str, int]):
+    if corpus.empty:
+        return corpus, emb, corpus
+    order = corpus.sort_values(["label", "round", "id"], kind="stable")
+    rank = order.groupby("label").cumcount()
+    limit = order["label"].map(targets).fillna(0).astype(int)
+    keep_idx = order.index[rank < limit]
+    drop_idx = order.index[rank >= limit]
+    keep_idx = np.sort(keep_idx.to_numpy())
+    kept = corpus.loc[keep_idx].reset_index(drop=True)
+    return kept, (emb[keep_idx] if emb is not None else None), corpus.loc[drop_idx]
+
+
+def _print_rounds(rounds: list[dict]) -> None:
+    t = Table(title="data rounds")
+    for col in ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate"):
+        t.add_column(col, justify="right")
+    for r in rounds:
+        t.add_row(*[f"{r[c]:.3f}" if c == "dedup_rate" else f"{r[c]:,}" for c in
+                    ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate")])
+    console.print(t)

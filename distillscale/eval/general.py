@@ -1,0 +1,115 @@
+"""General knowledge (MMLU, MMLU-Pro) and the in-domain task through lm-eval 0.4.
+
+Models are evaluated from their HF exports (`<stage>/hf/`, tokenizer included) with lm-eval's
+`hf` backend on CPU or `vllm` on GPU, on local benchmark copies read by the shipped task folder
+(`lm_eval_tasks/`). A CI comes from lm-eval's standard error of the mean (normal approximation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from distillscale.eval.lm_eval_tasks import TASKS_DIR
+
+Z95 = 1.959964
+# results-table metric -> (letter-format task, cloze task, metadata key)
+BENCHMARKS = {
+    "mmlu": ("distillscale_mmlu", "distillscale_mmlu_cloze", "mmlu_path"),
+    "mmlu_pro": ("distillscale_mmlu_pro", "distillscale_mmlu_pro_cloze", "mmlu_pro_path"),
+}
+
+
+def task_manager(metadata: dict):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+
+
+def model_spec(model_dir: Path, backend: str, batch_size: int) -> tuple[str, dict]:
+    """lm-eval model name and args for an HF export folder."""
+    path = Path(model_dir)
+    if backend == "hf":
+        return "hf", {"pretrained": str(path), "dtype": "float32", "batch_size": batch_size,
+                      "device": "cpu" if not _cuda() else "cuda"}
+    if backend == "vllm":
+        return "vllm", {"pretrained": str(path), "dtype": "auto", "gpu_memory_utilization": 0.8}
+    raise ValueError(f"eval.general.backend: unknown backend {backend!r} (hf or vllm)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def evaluate(
+    model, tasks: dict[str, str], metadata: dict, num_fewshot: int = 0,
+    limit: int | None = None, model_args: dict | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval on `tasks` (results-table metric -> task name).
+
+    `model` is an lm-eval model name (`hf`, `vllm`) with `model_args`, or an `LM` instance.
+    Returns metric -> {value, ci_low, ci_high, n}.
+    """
+    import lm_eval
+
+    if isinstance(model, str):
+        # Registers the built-in backends (hf, vllm, ...): lm-eval 0.4.13 fills its model
+        # registry lazily, and a model registered by name beforehand (a custom LM) otherwise
+        # leaves "hf" unknown.
+        import lm_eval.models
+
+    out = lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(tasks.values()),
+        num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(metadata),
+        log_samples=False, bootstrap_iters=0 if limit else 100000,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+    )
+    res: dict[str, dict[str, float]] = {}
+    for metric, task in tasks.items():
+        r = out["results"][task]
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        for key, name in (("acc", metric), ("macro_f1", f"{metric}_macro_f1")):
+            if f"{key},none" not in r:
+                continue
+            v = float(r[f"{key},none"])
+            se = r.get(f"{key}_stderr,none")
+            se = float(se) if isinstance(se, (int, float)) else float("nan")
+            lo, hi = (v, v) if math.isnan(se) else (max(0.0, v - Z95 * se), min(1.0, v + Z95 * se))
+            res[name] = {"value": v, "ci_low": lo, "ci_high": hi, "n": n}
+    return res
+
+
+def general_tasks(mmlu_path: str | None, mmlu_pro_path: str | None, cloze: bool) -> tuple[dict, dict, list[str]]:
+    """(metric -> task, metadata, notes for what is skipped)."""
+    tasks, meta, notes = {}, {}, []
+    for metric, path in (("mmlu", mmlu_path), ("mmlu_pro", mmlu_pro_path)):
+        letter, cloze_task, key = BENCHMARKS[metric]
+        if not path:
+            notes.append(f"{metric}: skipped (eval.general.{key} is not set)")
+            continue
+        p = Path(path).expanduser().resolve()
+        if not p.exists():
+            raise FileNotFoundError(f"eval.general.{key}: {p} does not exist")
+        tasks[metric] = cloze_task if cloze else letter
+        meta[key] = str(p)
+    return tasks, meta, notes
+
+
+def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool) -> tuple[dict, list[str]]:
+    """MMLU / MMLU-Pro of one model's HF export per `eval.general`: (metric -> CI, notes).
+
+    Models with a from-scratch word-level tokenizer get the cloze prompt and an explicit
+    `<bos>` (their training format) unless `eval.general.prompt` says otherwise.
+    """
+    cloze = general_cfg.prompt == "cloze" or (general_cfg.prompt == "auto" and scratch_tokenizer)
+    tasks, meta, notes = general_tasks(general_cfg.mmlu_path, general_cfg.mmlu_pro_path, cloze)
+    if not tasks:
+        return {}, notes
+    if not (Path(hf_dir) / "config.json").is_file():
+        return {}, notes + [f"{hf_dir}: no HF export; general knowledge not evaluated"]
+    meta["prompt_prefix"] = "<bos> " if scratch_tokenizer else ""
+    name, args = model_spec(hf_dir, general_cfg.backend, general_cfg.batch_size)
+    res = evaluate(name, tasks, meta, general_cfg.num_fewshot, general_cfg.limit, args)
+    return res, notes

@@ -1,0 +1,66 @@
+"""Who writes: under srun every rank runs the same stages, and only rank 0 touches the disk.
+
+The rank comes from torch.distributed once it is initialized, else from the `RANK` /
+`WORLD_SIZE` variables the launchers export (the data stage runs before any process group
+exists). Stages that every rank computes (training, pruning, evaluation) meet at barriers;
+stages that only rank 0 computes (data, fit) make the other ranks wait for the finished
+manifest on the shared file system.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """All ranks meet here; a no-op for one process or before any process group exists."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def wait_for_stage(
+    folder: Path, config_hash: str, inputs: dict[str, Path], timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> Path:
+    """Block a non-zero rank until rank 0 has finished `folder` with a matching manifest.
+
+    If rank 0 dies, srun's `--kill-on-bad-exit=1` ends this rank too; the timeout
+    (`DISTILLSCALE_STAGE_WAIT_S`, default 24 h) is a last resort for other launchers.
+    """
+    from distillscale.manifest import is_up_to_date
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DISTILLSCALE_STAGE_WAIT_S", str(24 * 3600)))
+    deadline = time.monotonic() + timeout_s
+    while not is_up_to_date(folder, config_hash, inputs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{folder}: rank {rank()} waited {timeout_s:.0f}s for rank 0 to finish this stage"
+            )
+        time.sleep(poll_s)
+    return Path(folder)

@@ -1,0 +1,105 @@
+"""Global dedup indexes on crafted duplicates, and the Curator cleaning / filter pipeline."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from distillscale.data.dedup import (
+    ExactIndex,
+    MiniLMEmbedder,
+    NearDupIndex,
+    SemanticIndex,
+)
+from distillscale.data.recipe import farthest_from_centroid, next_class_weights
+
+BASE = [
+    "Helix Therapeutics wins FDA approval for Zelvora",
+    "Titan Steel to cut 1200 jobs in restructuring",
+    "Morgan Stanley upgrades Orion Semiconductor to overweight",
+    "Federal Reserve holds rates steady, signals patient path",
+    "Kestrel Motors files for Chapter 11 bankruptcy protection",
+]
+
+
+def test_exact_dedup_folds_case_space_punctuation_and_is_global():
+    idx = ExactIndex()
+    assert idx.add(BASE, [f"a{i}" for i in range(5)]) == [None] * 5
+    later = ["TITAN STEEL to cut 1200 jobs in restructuring!", "Titan  Steel to cut 1,200 jobs"]
+    # the first matches a row of the earlier batch; the second differs ("1,200" vs "1200")
+    assert idx.add(later, ["b0", "b1"]) == ["a1", None]
+    assert idx.add(["x", "x"], ["c0", "c1"]) == [None, "c0"]  # within one batch too
+
+
+def test_near_dedup_catches_small_edits_not_different_events():
+    idx = NearDupIndex(threshold=0.8)
+    assert idx.add(BASE, [f"a{i}" for i in range(5)]) == [None] * 5
+    out = idx.add([
+        "Helix Therapeutics wins FDA approval for Zelvora - filing",  # near copy
+        "Kestrel Motors files for Chapter 11 bankruptcy protection - WSJ",  # near copy
+        "Helix Therapeutics Zelvora fails late-stage psoriasis study",   # other event
+    ], ["b0", "b1", "b2"])
+    assert out == ["a0", "a4", None]
+    assert len(idx) == 6
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return MiniLMEmbedder()
+
+
+def test_semantic_dedup_catches_paraphrases_globally(embedder):
+    idx = SemanticIndex(embedder, threshold=0.85, n_clusters=2, seed=0)
+    first, emb = idx.add(BASE, [f"a{i}" for i in range(5)])
+    assert first == [None] * 5 and emb.shape == (5, 384)
+    out, _ = idx.add([
+        "FDA approves Zelvora from Helix Therapeutics",          # paraphrase of a0
+        "Titan Steel will cut 1,200 jobs as part of a restructuring",  # paraphrase of a1
+        "Barclays downgrades Lumen Networks to underweight",     # a different event
+    ], ["b0", "b1", "b2"])
+    assert out[0] == "a0" and out[1] == "a1" and out[2] is None
+    ids, kept = idx.embeddings_of_kept()
+    assert ids == ["a0", "a1", "a2", "a3", "a4", "b2"] and kept.shape == (6, 384)
+
+
+def test_farthest_from_centroid_picks_the_outliers():
+    emb = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [1, 0.05], [0.97, -0.1], [0, 1],
+                    [0.3, -0.95]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    assert set(farthest_from_centroid(emb, 2).tolist()) == {5, 6}
+    assert len(farthest_from_centroid(emb[:2], 5)) == 2
+
+
+def test_reweighting_targets_deficits_over_survival():
+    targets = {"head": 100, "tail": 10, "done": 5}
+    w, ask = next_class_weights(targets, {"head": 90, "tail": 2, "done": 5},
+                                {"head": 1.0, "tail": 0.5})
+    assert set(w) == {"head", "tail"}  # a class at its target is not asked for
+    assert w["tail"] == pytest.approx(16.0) and w["head"] == pytest.approx(10.0)
+    assert ask == 26
+
+
+def test_curator_pipeline_fixes_unicode_and_rejects_with_reasons(tmp_path):
+    from distillscale.data.curate import FilterSettings, run_curation
+
+    mojibake = "Acme “shares” jump after results".encode().decode("cp1252", errors="replace")
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(6)], "label": "stock_price_movement",
+                       "text": [
+                           mojibake,
+                           "La Banque centrale européenne maintient ses taux directeurs",
+                           "Acme up",
+                           "$$$ ### %%% @@@ !!! ??? *** &&& ^^^",
+                           "Mizuho upgrades Wilson-Gonzalez to outperform",
+                           "Die Aktie von Siemens fällt nach schwachen Zahlen deutlich",
+                       ]})
+    kept, rejected = run_curation(df, FilterSettings(), tmp_path)
+    assert len(kept) + len(rejected) == len(df)
+    reasons = dict(zip(rejected["id"], rejected["reason"]))
+    assert reasons == {
+        "r1": "non-English (cld2)",
+        "r2": "length outside 4-40 words",
+        "r3": "non-alphanumeric share above 0.35",
+        "r5": "non-English (cld2)",
+    }
+    assert list(kept["id"]) == ["r0", "r4"]  # input order kept
+    assert "â€" not in kept["text"].iloc[0] and "shares" in kept["text"].iloc[0]
+    assert not (tmp_path / "ray").exists()  # Ray's temp folder is cleaned up
