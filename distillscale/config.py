@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 
 
@@ -288,7 +293,8 @@ class DistillConfig(Strict):
 class GeneralEvalConfig(Strict):
     """General knowledge through lm-eval (distillscale/eval/lm_eval_tasks/), from local copies.
 
-    Each path is a directory of Parquet files: MMLU in the HF `cais/mmlu` schema (`question`,
+    `{run_dir}` in a path stands for this experiment's run folder (e.g. the probe the teacher
+    stage writes: `{run_dir}/teacher/knowledge_probe`). Each path is a directory of Parquet files: MMLU in the HF `cais/mmlu` schema (`question`,
     `subject`, `choices`, `answer` int; test + dev splits), MMLU-Pro in the `TIGER-Lab/MMLU-Pro`
     schema (`question`, `options`, `answer` letter, `answer_index`, `category`). Unset: skipped.
     """

@@ -377,6 +377,10 @@ def run_eval(cfg: ExperimentConfig) -> Path:
     from distillscale.models.megatron_gpt import count_params
 
     p = Paths(cfg)
+    general_cfg = cfg.eval.general.model_copy(update={
+        k: getattr(cfg.eval.general, k).replace("{run_dir}", str(cfg.run_dir))
+        for k in ("mmlu_path", "mmlu_pro_path") if getattr(cfg.eval.general, k)
+    })
     models = {"teacher": p.teacher}
     step_of: dict[str, int] = {"teacher": 0}
     for s in cfg.students:  # every step of the schedule; the last is `<name>/pruned|distilled`
@@ -417,7 +421,7 @@ def run_eval(cfg: ExperimentConfig) -> Path:
                 y, pred, y_gold, cfg.eval.bootstrap_samples, cfg.seed, generative, encoder.labels)
             per_class += [{"model": name, **r} for r in pc]
             cells += [{"model": name, **r} for r in cm]
-            general, why = evaluate_hf_export(folder / "hf", cfg.eval.general,
+            general, why = evaluate_hf_export(folder / "hf", general_cfg,
                                               cfg.teacher.source == "scratch")
             notes.update(why)
             metrics.update({k: {c: v[c] for c in ("value", "ci_low", "ci_high")}

@@ -330,8 +330,8 @@ def build_report(
     parts = [f"# {title}: compression report", ""]
     if intro:
         parts += [intro, ""]
-    parts += ["## Results", "", "Eval CIs are 95% (percentile bootstrap in-domain; normal "
-              "approximation from lm-eval's standard error for MMLU / MMLU-Pro).", "",
+    parts += ["## Results", "", ("Eval CIs are 95% (percentile bootstrap in-domain; normal "
+              "approximation from lm-eval's standard error for MMLU / MMLU-Pro)."), "",
               _results_table(long, extra), ""]
     titles = {"vs_dataset_size": "vs dataset size", "vs_compression": "vs compression ratio",
               "decayed_vs_uniform": "decayed vs uniform schedule"}
@@ -347,9 +347,9 @@ def build_report(
     else:
         parts += ["No fits (run the fit stage, or too few points per condition).", ""]
     parts += ["## Recommendations", "",
-              "From the selected fits' inverse predictions; each number carries the 95% "
+              ("From the selected fits' inverse predictions; each number carries the 95% "
               "bootstrap CI of the fit, and a CI that is wide or unbounded means more runs "
-              "(seeds, sizes, ratios) are needed before acting on it.", "",
+              "(seeds, sizes, ratios) are needed before acting on it."), "",
               *recommendations(details), ""]
     md = "\n".join(parts)
     write_text_atomic(out / "report.md", md)

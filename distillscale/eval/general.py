@@ -63,7 +63,9 @@ def evaluate(
     out = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=list(tasks.values()),
         num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(metadata),
-        log_samples=False, bootstrap_iters=0 if limit else 100000,
+        # `acc` stderr is closed-form (no resampling cost); keep it with `limit` too so every
+        # score carries a CI.
+        log_samples=False, bootstrap_iters=1000,
         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )
     res: dict[str, dict[str, float]] = {}

@@ -305,11 +305,11 @@ def _fmt(v, digits: int = 3) -> str:
 def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
                   source: str) -> str:
     lines = [f"# Scaling fits of `{source}`", "",
-             "Huber loss on residuals scaled by each point's eval CI, L-BFGS-B from a grid of "
+             ("Huber loss on residuals scaled by each point's eval CI, L-BFGS-B from a grid of "
              "starts (`conv` = starts that reached the best loss), percentile bootstrap 95% CIs "
              "(resampling seeds when there are 5 or more, else points). `extrap` is the RMSE on "
              "the held-out largest datasets / strongest compressions of a fit on the rest. "
-             "★ = lowest AIC in its group.", ""]
+             "★ = lowest AIC in its group."), ""]
     by_curve: dict[tuple, list[tuple[dict, dict]]] = {}
     for rec, det in zip(records, details):
         key = (rec["metric"], rec["x"], json.dumps(rec["group"], sort_keys=True))
@@ -329,8 +329,8 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
         lines.append("")
         cp = items[0][0].get("collapse_point")
         if cp:
-            lines += [f"Collapse point ({x} at the break of the broken power law): "
-                      f"**{_fmt(cp['value'])}** [{_fmt(cp['ci_low'])}, {_fmt(cp['ci_high'])}]", ""]
+            lines += [(f"Collapse point ({x} at the break of the broken power law): "
+                      f"**{_fmt(cp['value'])}** [{_fmt(cp['ci_low'])}, {_fmt(cp['ci_high'])}]"), ""]
         for rec, det in items:
             if det["selected"] and det["inverse"]:
                 for inv in det["inverse"]:
