@@ -583,3 +583,22 @@ def _format_validation_error(e: ValidationError, prov: dict, top: Path) -> str:
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_yaml_model(path: str | Path, model: type[BaseModel], what: str):
+    """Validate one YAML file (a taxonomy, a teacher-family adapter) into `model`; problems are
+    a ConfigError `<file>: <key>: <what is wrong>`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "<top>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{path}: {key}: {msg.removeprefix('Value error, ')}") from None

@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distillscale.config import ConfigError
+from distillscale.config import ConfigError, load_yaml_model
 
 SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 SLOT = re.compile(r"\{([a-z_0-9]+)\}")
@@ -118,17 +117,4 @@ class Taxonomy(BaseModel):
 
 
 def load_taxonomy(path: str | Path) -> Taxonomy:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: taxonomy file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    try:
-        return Taxonomy.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "<top>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{path}: {key}: {msg.removeprefix('Value error, ')}") from None
+    return load_yaml_model(path, Taxonomy, "taxonomy")

@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from distillscale.config import ConfigError
+from distillscale.config import ConfigError, load_yaml_model
 
 
 class DepthSetting(BaseModel):
@@ -73,17 +72,4 @@ class FamilyAdapter(BaseModel):
 
 
 def load_adapter(path: str | Path) -> FamilyAdapter:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: teacher family file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    try:
-        return FamilyAdapter.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "<top>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{path}: {key}: {msg}") from None
+    return load_yaml_model(path, FamilyAdapter, "teacher family")

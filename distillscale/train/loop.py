@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,23 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> 
     os.replace(tmp, path)
 
 
+def _sort_after_existing_events(folder: Path) -> None:
+    """Wait (at most a second) until a new event file sorts after the existing ones.
+
+    TensorBoard reads event files in name order (`events.out.tfevents.<unix seconds>.<host>.
+    <pid>...`) and a resumed writer's `purge_step` only drops events read before it; a resumed
+    run started within the killed run's second could sort first (by pid) and the killed run's
+    late events would survive.
+    """
+    stamps = []
+    for p in folder.glob("events.out.tfevents.*"):
+        parts = p.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 def train(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -92,6 +110,7 @@ def train(
         from torch.utils.tensorboard import SummaryWriter
 
         # Events after the checkpoint (steps > start) were logged by a killed run: drop them.
+        _sort_after_existing_events(Path(tensorboard_dir))
         writer = SummaryWriter(str(tensorboard_dir), purge_step=start + 1 if start else None)
     model.train()
     try:
