@@ -563,21 +563,30 @@ def _origin(loc: tuple, prov: dict, default: Path) -> str:
     return " + ".join(origins) if origins else str(default)
 
 
+def _error_message(err: dict) -> str:
+    """One pydantic error as the text after `<file>: <key>: `."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "input" in err and err["type"] != "value_error" and not isinstance(
+        err["input"], (dict, list)
+    ):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _error_loc(err: dict) -> tuple:
+    return tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+
+
 def _format_validation_error(e: ValidationError, prov: dict, top: Path) -> str:
     lines = []
     for err in e.errors():
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        loc = _error_loc(err)
         key = ".".join(str(x) for x in loc) or "<top>"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(
-            err["input"], (dict, list)
-        ):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{_origin(loc, prov, top)}: {key}: {msg}")
+        lines.append(f"{_origin(loc, prov, top)}: {key}: {_error_message(err)}")
     return "\n".join(lines)
 
 
@@ -586,19 +595,16 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel], what: str):
-    """Validate one YAML file (a taxonomy, a teacher-family adapter) into `model`; problems are
-    a ConfigError `<file>: <key>: <what is wrong>`."""
+    """Validate one YAML file without `defaults:` (a taxonomy, a teacher family, a sweep) into
+    `model`; problems are a ConfigError, one line `<file>: <key>: <what is wrong>` each."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
+    data = _read_yaml(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    try:
-        return model.model_validate(raw)
+        return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "<top>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{path}: {key}: {msg.removeprefix('Value error, ')}") from None
+        raise ConfigError("\n".join(
+            f"{path}: {'.'.join(str(x) for x in _error_loc(err)) or '<top>'}: "
+            f"{_error_message(err)}" for err in e.errors()
+        )) from None

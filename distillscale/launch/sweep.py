@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from distillscale.config import (
     CMDLINE,
@@ -43,6 +42,7 @@ from distillscale.config import (
     Strict,
     config_to_yaml,
     load_config,
+    load_yaml_model,
 )
 from distillscale.manifest import MANIFEST, write_json_atomic, write_text_atomic
 
@@ -71,23 +71,7 @@ class SweepConfig(Strict):
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
-    try:
-        sweep = SweepConfig.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "<top>"
-            msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
-                err["type"], err["msg"])
-            lines.append(f"{path}: {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    sweep = load_yaml_model(path, SweepConfig, "sweep")
     base = Path(sweep.base)
     if not base.is_absolute():
         base = path.parent / base
