@@ -122,6 +122,21 @@ def _stub_module(name: str) -> types.ModuleType:
     return mod
 
 
+def apply_peft_cpu_shims() -> None:
+    """peft 0.21 on CPU, next to the transformer-engine stub (no-op when CUDA is available).
+
+    The import-only stub makes peft believe TE is present; its TE dispatcher then reads
+    `te.pytorch.LayerNormMLP`, which the stub lacks. Models peft wraps here are transformers
+    models with no TE layers, so that dispatch never applies.
+    """
+    if cuda_available() or "peft" in _APPLIED:
+        return
+    import peft.tuners.lora.te as peft_te
+
+    peft_te.is_te_pytorch_available = lambda: False
+    _APPLIED.add("peft")
+
+
 def install_transformer_engine_stub() -> None:
     """Import-only stand-in for transformer-engine, for ModelOpt 0.47's Megatron plugins.
 

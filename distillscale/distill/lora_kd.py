@@ -33,16 +33,9 @@ def add_lora(hf_model, rank: int, alpha: float, dropout: float = 0.0):
     """`hf_model` wrapped with peft LoRA adapters; only adapter weights are trainable."""
     from peft import LoraConfig, get_peft_model
 
-    from distillscale.compat.cpu import cuda_available
+    from distillscale.compat.cpu import apply_peft_cpu_shims
 
-    if not cuda_available():
-        # On CPU the import-only transformer-engine stub (distillscale.compat.cpu, installed
-        # once Megatron-Bridge is imported) makes peft 0.21 believe TE is present; its TE
-        # dispatcher then reads `te.pytorch.LayerNormMLP`, which the stub lacks. A transformers
-        # model has no TE layers, so that dispatch never applies here.
-        import peft.tuners.lora.te as peft_te
-
-        peft_te.is_te_pytorch_available = lambda: False
+    apply_peft_cpu_shims()
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                      target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(hf_model, cfg)
