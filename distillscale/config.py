@@ -254,6 +254,10 @@ class PruneConfig(Strict):
     calibration_samples: Annotated[int, Field(gt=0)] = 64
     hidden_size_divisor: Annotated[int, Field(gt=0)] = 16
     ffn_hidden_size_divisor: Annotated[int, Field(gt=0)] = 32
+    # Width targets from a ratio: `scale` shrinks attention heads with hidden and FFN, so the
+    # student gets faster about as much as it gets smaller; `keep` is Minitron's published width
+    # recipe (all heads kept while a shape within 1% of the ratio keeps them). See choose_shape.
+    attention_heads: Literal["scale", "keep"] = "scale"
 
     @model_validator(mode="after")
     def _check_steps(self) -> PruneConfig:

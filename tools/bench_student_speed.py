@@ -1,13 +1,23 @@
 """Real CPU inference speed of every exported student against its teacher.
 
-    python tools/bench_student_speed.py --run runs/quickstart [--batch 32] [--seq 64] [--repeats 15]
+    python tools/bench_student_speed.py --run runs/quickstart [--batch 32] [--seq N] [--repeats 25]
+                                        [--all-logits]
 
 Loads `<run>/teacher/hf` and every student's `distilled/hf` (intermediate schedule steps
-included) with `transformers`, times a full forward pass over the same random token batch in one
-process (fastest of `--repeats` rounds, models interleaved, after a warm-up; `torch.inference_mode`,
-the same thread count for all), and prints one row per student: params, tokens/s, speedup over the teacher, and speedup
-divided by the parameter ratio (teacher_params / student_params). A pruned student should be
-about as much faster as it is smaller: the last line is
+included) with `transformers`, times a prefill over the same random token batch in one process
+(`--repeats` rounds, models interleaved, after a warm-up; `torch.inference_mode`, the same thread
+count for all), and prints one row per student: params, tokens/s (fastest round), speedup over
+the teacher (median of the within-round ratios), and speedup divided by the parameter ratio
+(teacher_params / student_params).
+
+What is timed is what serving the task costs: a forward pass over prompts of the model's full
+context (`--seq`, default the teacher's `max_position_embeddings`) that returns next-token logits
+for the last position only (`logits_to_keep=1`, as `generate`'s prefill and label-constrained
+scoring do). `--all-logits` times logits at every position instead (the training-side forward):
+its batch x seq x vocab output write is the same size for every student, so it understates the
+speedup of narrow students on small models.
+
+A pruned student should be about as much faster as it is smaller: the last line is
 
     min_speedup_over_param_ratio=<x>
 
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,28 +47,38 @@ def _models(run: Path) -> list[tuple[str, Path]]:
     return sorted(set(out))
 
 
-def _time_all(models: dict, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Fastest forward time of each model, measured round-robin: every round times each model
-    once, so background load hits all of them alike, and the minimum over rounds is the time
-    least disturbed by other processes."""
-    best = {name: float("inf") for name in models}
+def _time_all(models: dict, tokens: torch.Tensor, repeats: int,
+              keep: int = 1) -> dict[str, list[float]]:
+    """Forward times of each model per round, measured round-robin: every round times each
+    model once, back to back, so background load hits a round's models alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
-            model(input_ids=tokens)  # warm-up: first-call allocations and kernel selection
+            model(input_ids=tokens, logits_to_keep=keep)  # warm-up: allocations, kernel choice
         for _ in range(repeats):
             for name, model in models.items():
                 t0 = time.perf_counter()
-                model(input_ids=tokens)
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+                model(input_ids=tokens, logits_to_keep=keep)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _speedup(teacher: list[float], student: list[float]) -> float:
+    """Median over rounds of the within-round time ratio: a round's teacher and student run
+    seconds apart, so load from other processes mostly cancels in their ratio, and the median
+    ignores the rounds where it did not."""
+    return statistics.median(t / s for t, s in zip(teacher, student, strict=True))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, type=Path, help="a finished run folder")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--seq", type=int, default=None,
+                    help="prompt length (default: the teacher's max_position_embeddings)")
+    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--all-logits", action="store_true",
+                    help="time logits at every position, not only the last")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -76,15 +97,17 @@ def main() -> None:
     for name, path in students:
         models[name] = load(path)
     vocab = models["teacher"].config.vocab_size
-    tokens = torch.randint(0, vocab, (args.batch, args.seq),
+    seq = args.seq or models["teacher"].config.max_position_embeddings
+    tokens = torch.randint(0, vocab, (args.batch, seq),
                            generator=torch.Generator().manual_seed(0))
-    n_tok = args.batch * args.seq
-    secs = _time_all(models, tokens, args.repeats)
+    n_tok = args.batch * seq
+    times = _time_all(models, tokens, args.repeats, keep=0 if args.all_logits else 1)
+    secs = {name: min(ts) for name, ts in times.items()}  # tokens/s from the least disturbed round
     t_params = sum(p.numel() for p in models["teacher"].parameters())
     rows = []
     for name, model in models.items():
         params = sum(p.numel() for p in model.parameters())
-        speedup = secs["teacher"] / secs[name]
+        speedup = _speedup(times["teacher"], times[name])
         ratio = t_params / params
         rows.append({"model": name, "params": params, "tokens_per_s": n_tok / secs[name],
                      "speedup": speedup, "param_ratio": ratio,
@@ -98,7 +121,8 @@ def main() -> None:
               f"{r['speedup_over_param_ratio']:>13.2f}")
     out = args.run / "speed.json"
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"batch": args.batch, "seq": args.seq, "threads":
+    tmp.write_text(json.dumps({"batch": args.batch, "seq": seq,
+                               "logits": "all" if args.all_logits else "last", "threads":
                                torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
     tmp.replace(out)
     worst = min(r["speedup_over_param_ratio"] for r in rows[1:])

@@ -80,13 +80,20 @@ def choose_shape(
     hidden_size_divisor: int = 16,
     ffn_hidden_size_divisor: int = 32,
     min_shape: dict[str, int] | None = None,
+    head_policy: Literal["scale", "keep"] = "scale",
 ) -> tuple[dict[str, int], float]:
     """A valid pruning target whose parameter count is closest to `ratio` x the teacher's.
 
     width: hidden_size in multiples of its divisor, ffn_hidden_size in multiples of its divisor,
-    num_attention_heads in multiples of num_query_groups (head dim fixed). The teacher's head count
-    is kept unless no shape with it comes within 1% of the teacher's parameters of the best match;
-    among near-ties the shape shrinking hidden and ffn most evenly wins.
+    num_attention_heads in multiples of num_query_groups (head dim fixed). Among the shapes within
+    1% of the teacher's parameters of the best match:
+      head_policy="scale" (default): the shape shrinking hidden, ffn and attention heads most evenly
+        wins. Attention cost per token grows with heads x head_dim and (for the score and value
+        products) with sequence length, none of which shrinks with hidden_size; a student that
+        keeps every head at a quarter of the parameters keeps most of the teacher's attention
+        time and is far less faster than it is smaller (tools/bench_student_speed.py).
+      head_policy="keep": Minitron's published width recipe (heads kept; hidden and ffn shrink most
+        evenly); heads are pruned only when no shape keeping them comes within 1%.
     depth: num_layers in 1..L-1.
     Returns (target with only the changed keys, achieved ratio). The teacher shape itself is never
     returned (a target always prunes something). `min_shape` (e.g. the final student of an
@@ -139,16 +146,25 @@ def choose_shape(
         raise ValueError(f"no smaller width shape exists for {arch}")
     best_err = min(err for err, _ in cands)
     near = [(err, s) for err, s in cands if err <= best_err + 0.01]
-    keep_heads = [(err, s) for err, s in near if s["num_attention_heads"] == N]
-    pool = keep_heads or near
-    _, shape = min(
-        pool,
-        key=lambda c: (
-            -c[1]["num_attention_heads"],
-            round(abs(c[1]["hidden_size"] / H - c[1]["ffn_hidden_size"] / F), 6),
-            c[0],
-        ),
-    )
+    if head_policy == "keep":
+        keep_heads = [(err, s) for err, s in near if s["num_attention_heads"] == N]
+        pool = keep_heads or near
+        _, shape = min(
+            pool,
+            key=lambda c: (
+                -c[1]["num_attention_heads"],
+                round(abs(c[1]["hidden_size"] / H - c[1]["ffn_hidden_size"] / F), 6),
+                c[0],
+            ),
+        )
+    elif head_policy == "scale":
+        def spread(s: dict[str, int]) -> float:
+            fracs = (s["hidden_size"] / H, s["ffn_hidden_size"] / F, s["num_attention_heads"] / N)
+            return round(max(fracs) - min(fracs), 6)
+
+        _, shape = min(near, key=lambda c: (spread(c[1]), -c[1]["num_attention_heads"], c[0]))
+    else:
+        raise ValueError(f"head_policy must be 'scale' or 'keep', got {head_policy!r}")
     target = {k: v for k, v in shape.items() if v != getattr(arch, k)}
     return target, _ratio(arch, target, vocab_size, teacher)
 

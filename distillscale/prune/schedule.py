@@ -78,7 +78,8 @@ def plan_schedule(teacher: ModelArch, vocab_size: int, student: StudentTarget,
         final_arch = pruned_arch(teacher, final_target)
     else:
         final_target, _ = choose_shape(teacher, vocab_size, student.axis,
-                                       student.compression_ratio, hd, fd)
+                                       student.compression_ratio, hd, fd,
+                                       head_policy=prune.attention_heads)
         final_arch = pruned_arch(teacher, final_target)
     final_ratio = arch_params(final_arch, vocab_size) / t_params
     ratios = schedule_ratios(final_ratio, prune.schedule, prune.steps, prune.decay)
@@ -92,7 +93,8 @@ def plan_schedule(teacher: ModelArch, vocab_size: int, student: StudentTarget,
             continue
         floor = {k: getattr(final_arch, k) for k in PRUNABLE_KEYS}
         try:
-            target, _ = choose_shape(current, vocab_size, student.axis, rel, hd, fd, floor)
+            target, _ = choose_shape(current, vocab_size, student.axis, rel, hd, fd, floor,
+                                     head_policy=prune.attention_heads)
         except ValueError:  # nothing left between the current and the final shape
             break
         arch = pruned_arch(current, target)

@@ -214,13 +214,31 @@ def test_choose_shape_width(ratio):
     assert arch.head_dim == ARCH.head_dim and arch.num_layers == ARCH.num_layers
 
 
-def test_choose_shape_prunes_heads_only_when_needed():
+def test_choose_shape_keep_prunes_heads_only_when_needed():
     # A tiny vocabulary makes attention a large share; 0.3 still fits with all heads kept.
-    target, _ = choose_shape(ARCH, 8, "width", 0.3, 16, 32)
+    target, _ = choose_shape(ARCH, 8, "width", 0.3, 16, 32, head_policy="keep")
     assert "num_attention_heads" not in target
     # Without room in hidden/ffn (coarse divisors), heads are what is left to prune.
-    target, achieved = choose_shape(ARCH, 8, "width", 0.85, 128, 512)
+    target, achieved = choose_shape(ARCH, 8, "width", 0.85, 128, 512, head_policy="keep")
     assert target == {"num_attention_heads": 2} and achieved < 1
+
+
+def _spread(target):
+    arch = pruned_arch(ARCH, target)
+    fracs = (arch.hidden_size / ARCH.hidden_size, arch.ffn_hidden_size / ARCH.ffn_hidden_size,
+             arch.num_attention_heads / ARCH.num_attention_heads)
+    return max(fracs) - min(fracs)
+
+
+@pytest.mark.parametrize("ratio", [0.58, 0.3])
+def test_choose_shape_scale_shrinks_heads_with_width(ratio):
+    scaled, achieved = choose_shape(ARCH, 8, "width", ratio, 16, 32)  # default: scale
+    kept, _ = choose_shape(ARCH, 8, "width", ratio, 16, 32, head_policy="keep")
+    assert pruned_arch(ARCH, scaled).num_attention_heads < ARCH.num_attention_heads
+    assert abs(achieved - ratio) < 0.03
+    assert _spread(scaled) < _spread(kept)
+    with pytest.raises(ValueError, match="head_policy"):
+        choose_shape(ARCH, 8, "width", ratio, 16, 32, head_policy="all")
 
 
 def test_choose_shape_depth():
