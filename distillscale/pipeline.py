@@ -235,6 +235,7 @@ def run_prune(cfg: ExperimentConfig, student: StudentTarget, step: int | None = 
     h = cfg.section_hash("prune") + ":" + _student_hash(student) + f":{step}"
     if _skip(out_dir, f"prune {label}", h, inputs):
         return out_dir
+    from distillscale.distill.export import check_hf_export
     from distillscale.manifest import input_hash
     from distillscale.models.checkpoint import load_model, save_model
     from distillscale.models.megatron_gpt import count_params, forward_logits
@@ -243,7 +244,7 @@ def run_prune(cfg: ExperimentConfig, student: StudentTarget, step: int | None = 
     _setup(cfg)
     teacher_params = int(read_manifest(p.teacher)["metrics"]["params"])
     source, arch, vocab = load_model(src)
-    encoder, _tok = _encoder(cfg, p.teacher, arch.seq_length)
+    encoder, tok = _encoder(cfg, p.teacher, arch.seq_length)
     calib = load_split(p.data, "train")[: cfg.prune.calibration_samples]
     target = plan.target
 
@@ -268,6 +269,14 @@ def run_prune(cfg: ExperimentConfig, student: StudentTarget, step: int | None = 
             raise RuntimeError(f"prune {label}: got {new_arch}, the schedule planned {plan.arch}")
         params = count_params(model)
         save_model(model, new_arch, vocab, out.path)
+        # The pruned student gets its HF export too, so general-knowledge evaluation (lm-eval
+        # reads HF checkpoints) scores it before recovery as well as after.
+        note = _export_hf(model, new_arch, vocab, tok, out.path)
+        if note:
+            out.metrics["hf_export"] = note
+        else:
+            out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
+                model, out.path / "hf", encoder.encode(calib[:8]).tokens)
         out.metrics.update({
             "axis": student.axis, "target": target, "arch": new_arch.model_dump(mode="json"),
             "params": params, "teacher_params": teacher_params,
@@ -361,6 +370,11 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
             # The exported checkpoint must be the trained model (raises beyond tolerance).
             out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
                 plain, out.path / "hf", encoder.encode(val_rows[:8]).tokens)
+            if (p.teacher / "hf" / "config.json").is_file():
+                from distillscale.distill.speed import student_speed
+
+                # A pruned student must actually be faster: CPU prefill speed vs the teacher.
+                out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))
     console.print(f"distill {label}: val KL(teacher||student) {kl_before:.4f} -> {kl_after:.4f}")
     return out_dir
 

@@ -58,6 +58,11 @@ def test_distillation_lowers_kl(run):
     for name in ("w", "d"):
         m = json.loads((out / "students" / name / "distilled" / "manifest.json").read_text())
         assert m["metrics"]["val_kl_after"] < m["metrics"]["val_kl_before"]
+        # Export checks and the measured CPU speed are recorded for pruned and distilled.
+        assert m["metrics"]["hf_max_abs_logit_diff"] < 1e-3
+        assert m["metrics"]["cpu_tokens_per_s"] > 0 and m["metrics"]["cpu_speedup"] > 0
+        pruned = json.loads((out / "students" / name / "pruned" / "manifest.json").read_text())
+        assert pruned["metrics"]["hf_max_abs_logit_diff"] < 1e-3
 
 
 @pytest.mark.slow

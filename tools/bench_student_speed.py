@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,29 +45,6 @@ def _models(run: Path) -> list[tuple[str, Path]]:
     return sorted(set(out))
 
 
-def _time_all(models: dict, tokens: torch.Tensor, repeats: int,
-              keep: int = 1) -> dict[str, list[float]]:
-    """Forward times of each model per round, measured round-robin: every round times each
-    model once, back to back, so background load hits a round's models alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(input_ids=tokens, logits_to_keep=keep)  # warm-up: allocations, kernel choice
-        for _ in range(repeats):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(input_ids=tokens, logits_to_keep=keep)
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _speedup(teacher: list[float], student: list[float]) -> float:
-    """Median over rounds of the within-round time ratio: a round's teacher and student run
-    seconds apart, so load from other processes mostly cancels in their ratio, and the median
-    ignores the rounds where it did not."""
-    return statistics.median(t / s for t, s in zip(teacher, student, strict=True))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, type=Path, help="a finished run folder")
@@ -81,7 +56,7 @@ def main() -> None:
                     help="time logits at every position, not only the last")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM
+    from distillscale.distill.speed import load_hf, median_speedup, random_prompts, time_rounds
 
     teacher_dir = args.run / "teacher" / "hf"
     if not (teacher_dir / "config.json").is_file():
@@ -90,24 +65,20 @@ def main() -> None:
     if not students:
         sys.exit(f"{args.run}/students: no exported student (students/*/distilled/hf)")
 
-    def load(path: Path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-    models = {"teacher": load(teacher_dir)}
+    models = {"teacher": load_hf(teacher_dir)}
     for name, path in students:
-        models[name] = load(path)
+        models[name] = load_hf(path)
     vocab = models["teacher"].config.vocab_size
     seq = args.seq or models["teacher"].config.max_position_embeddings
-    tokens = torch.randint(0, vocab, (args.batch, seq),
-                           generator=torch.Generator().manual_seed(0))
+    tokens = random_prompts(vocab, args.batch, seq)
     n_tok = args.batch * seq
-    times = _time_all(models, tokens, args.repeats, keep=0 if args.all_logits else 1)
+    times = time_rounds(models, tokens, args.repeats, keep=0 if args.all_logits else 1)
     secs = {name: min(ts) for name, ts in times.items()}  # tokens/s from the least disturbed round
     t_params = sum(p.numel() for p in models["teacher"].parameters())
     rows = []
     for name, model in models.items():
         params = sum(p.numel() for p in model.parameters())
-        speedup = _speedup(times["teacher"], times[name])
+        speedup = median_speedup(times["teacher"], times[name])
         ratio = t_params / params
         rows.append({"model": name, "params": params, "tokens_per_s": n_tok / secs[name],
                      "speedup": speedup, "param_ratio": ratio,

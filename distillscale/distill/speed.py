@@ -1,0 +1,74 @@
+"""Real CPU inference speed of a student against its teacher, from their HF exports.
+
+What is timed is what serving the task costs: a prefill over prompts of the model's full context
+that returns next-token logits for the last position only (`logits_to_keep=1`, as `generate`'s
+prefill and label-constrained scoring do). Logits at every position (`keep=0`, the training-side
+forward) write a batch x seq x vocab tensor that is the same size for every student, which
+understates the speedup of narrow students on small models.
+
+Models are timed round-robin in one process (every round times each model once, back to back),
+and the speedup is the median of the within-round time ratios: a round's teacher and student run
+moments apart, so load from other processes mostly cancels in their ratio. Used by the distill
+stage (manifest fields `cpu_tokens_per_s`, `teacher_cpu_tokens_per_s`, `cpu_speedup`) and by
+`tools/bench_student_speed.py`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def load_hf(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def random_prompts(vocab_size: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def time_rounds(models: dict, tokens: torch.Tensor, repeats: int,
+                keep: int = 1) -> dict[str, list[float]]:
+    """Forward seconds of each model in each of `repeats` rounds, after one warm-up call each
+    (first-call allocations and kernel choice)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(input_ids=tokens, logits_to_keep=keep)
+        for _ in range(repeats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(input_ids=tokens, logits_to_keep=keep)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_speedup(reference: list[float], other: list[float]) -> float:
+    """Median over rounds of reference time / other time (> 1: `other` is faster)."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError("speedup needs the same non-zero number of rounds for both models")
+    return statistics.median(r / o for r, o in zip(reference, other, strict=True))
+
+
+def student_speed(student_hf: str | Path, teacher_hf: str | Path, batch: int = 8,
+                  seq: int | None = None, repeats: int = 7) -> dict[str, float]:
+    """Prefill tokens/s of student and teacher (fastest round) and the student's median
+    speedup; `seq` defaults to the teacher's `max_position_embeddings`."""
+    teacher, student = load_hf(teacher_hf), load_hf(student_hf)
+    seq = seq or teacher.config.max_position_embeddings
+    tokens = random_prompts(teacher.config.vocab_size, batch, seq)
+    times = time_rounds({"teacher": teacher, "student": student}, tokens, repeats)
+    n = batch * seq
+    return {
+        "cpu_tokens_per_s": n / min(times["student"]),
+        "teacher_cpu_tokens_per_s": n / min(times["teacher"]),
+        "cpu_speedup": median_speedup(times["teacher"], times["student"]),
+        "speed_batch": batch, "speed_seq": seq, "speed_threads": torch.get_num_threads(),
+    }
