@@ -145,6 +145,18 @@ def atomic_stage(
         ranks.barrier()
 
 
+def writer_path(path: Path) -> Path:
+    """The rank-0 counterpart of a path inside a stage output: a rank's private `.rank<N>/`
+    scratch folder (see `atomic_stage`) maps to rank 0's folder, where files every rank writes
+    together (distributed checkpoint shards) belong. Other paths are returned unchanged."""
+    path = Path(path)
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if part.startswith(".rank") and part[5:].isdigit():
+            return Path(*parts[:i], *parts[i + 1:])
+    return path
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

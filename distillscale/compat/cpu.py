@@ -39,6 +39,9 @@ def _patch_current_device() -> None:
     # megatron-core 0.19: RoPE (`rotary_pos_embedding.py`) and the global memory buffer build
     # tensors on `torch.cuda.current_device()`; on CPU that call raises. Point it at the CPU.
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    # megatron-core 0.19 dist-checkpointing (`filesystem_async.preload_tensors`) synchronizes
+    # CUDA before writing, unconditionally; with no device there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
 
 class CPURNGStatesTracker:
