@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,14 +20,12 @@ def _offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Megatron-Bridge 0.6 logs a full traceback at INFO for every optional TE symbol it probes.
-    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Apex is not installed")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="distillscale", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="also show the stack's known harmless warnings (distillscale/compat/logs.py)")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a whole experiment (every stage, resumable)")
     r.add_argument("config", type=Path)
@@ -152,6 +148,10 @@ def _table_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = _parser().parse_args(argv)
+    if not args.verbose:
+        from distillscale.compat.logs import quiet_known_noise
+
+        quiet_known_noise()
     try:
         if args.command == "data":
             return _data_command(args)

@@ -1,0 +1,26 @@
+import logging
+import warnings
+
+from distillscale.compat.logs import quiet_known_noise
+
+
+def test_known_noise_is_dropped_and_everything_else_kept(caplog):
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one filter per logger
+    bridge = logging.getLogger("megatron.bridge.utils.import_utils")
+    assert len(bridge.filters) == 1
+    bridge.setLevel(logging.INFO)  # what Megatron-Bridge does to its own logger at import
+    with caplog.at_level(logging.INFO, logger="megatron.bridge.utils.import_utils"):
+        bridge.info("Import of GroupedLinear from transformer_engine.pytorch failed with: Trace")
+        bridge.info("Import of numpy succeeded")
+        logging.getLogger("megatron.core.models.gpt.gpt_model").warning(
+            "GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+    assert [r.getMessage() for r in caplog.records] == ["Import of numpy succeeded"]
+
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_known_noise()
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning)
+        warnings.warn("Teacher's Module `ColumnParallelLinear` already has an intermediate "
+                      "output stored.", UserWarning)
+        warnings.warn("the student diverged", UserWarning)
+    assert [str(w.message) for w in seen] == ["the student diverged"]
