@@ -16,6 +16,8 @@ def test_known_noise_is_dropped_and_everything_else_kept(caplog):
         logging.getLogger("megatron.core.models.gpt.gpt_model").warning(
             "GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
     assert [r.getMessage() for r in caplog.records] == ["Import of numpy succeeded"]
+    assert not logging.getLogger("lm_eval.evaluator").isEnabledFor(logging.INFO)
+    assert logging.getLogger("lm_eval.evaluator").isEnabledFor(logging.WARNING)
 
     with warnings.catch_warnings(record=True) as seen:
         quiet_known_noise()

@@ -36,6 +36,11 @@ _LOG_RECORDS = (
      "Megatron-Bridge 0.6.2 build GPTModel")),
 )
 
+# megatron.training (imported by Megatron-Bridge) sets the root logger to INFO at import, which
+# turns on every library's INFO chatter; these loggers keep WARNING and above: lm-eval's
+# per-model set-up lines (the eval stage prints its own table), Bridge's provider notes.
+_INFO_CHATTER = ("lm_eval", "megatron.bridge")
+
 
 class _DropMatching(logging.Filter):
     def __init__(self, pattern: str):
@@ -53,6 +58,8 @@ def quiet_known_noise() -> None:
     for pattern, _why in _WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in _INFO_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name, pattern, _why in _LOG_RECORDS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern
