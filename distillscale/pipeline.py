@@ -518,7 +518,8 @@ def run_report(cfg: ExperimentConfig) -> Path:
     for s in cfg.students:
         man = read_manifest(p.distilled(s.name))
         if man:
-            extra[s.name] = {k: man["metrics"].get(k) for k in ("val_kl_before", "val_kl_after")}
+            extra[s.name] = {k: man["metrics"].get(k)
+                             for k in ("val_kl_before", "val_kl_after", "cpu_speedup")}
     taxonomy = load_taxonomy(cfg.domain.taxonomy)
     k = len(taxonomy.classes)
     notes = (read_manifest(p.eval) or {}).get("metrics", {}).get("notes", [])

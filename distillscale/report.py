@@ -251,8 +251,11 @@ def _results_table(long: pd.DataFrame, extra: dict | None) -> str:
     wide = long[long["metric"].isin(metrics)].pivot_table(
         index=keys, columns="metric", values=["value", "ci_low", "ci_high"], aggfunc="first")
     head = keys + [f"{m} [95% CI]" for m in metrics]
+    speed = bool(extra) and any(e.get("cpu_speedup") is not None for e in extra.values())
     if extra:
         head.append("val KL before → after")
+    if speed:
+        head.append("CPU speedup vs teacher")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     wide = wide.reset_index().sort_values(["compression_ratio", "model"], ascending=[False, True])
     for _, r in wide.iterrows():
@@ -270,6 +273,9 @@ def _results_table(long: pd.DataFrame, extra: dict | None) -> str:
             kl = extra.get(model.split("/")[0]) if model.endswith("distilled") else None
             cells.append(f"{kl['val_kl_before']:.3f} → {kl['val_kl_after']:.3f}"
                          if kl and kl.get("val_kl_after") is not None else "")
+            if speed:
+                cells.append(f"{kl['cpu_speedup']:.2f}×"
+                             if kl and kl.get("cpu_speedup") is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

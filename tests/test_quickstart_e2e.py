@@ -2,6 +2,7 @@
 distillation on a real (tiny) Megatron teacher."""
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -81,6 +82,9 @@ def test_report_lists_every_student_with_a_real_plot(run):
     report = (out / "report.md").read_text()
     for s in cfg.students:
         assert f"{s.name}/distilled" in report and f"{s.name}/pruned" in report
+        row = next(ln for ln in report.splitlines() if ln.startswith(f"| {s.name}/distilled |"))
+        assert re.search(r"\| \d+\.\d\d× \|$", row), row  # the measured CPU speedup
+    assert "CPU speedup vs teacher" in report
     img = mpimg.imread(out / "plots" / "macro_f1_vs_compression.png")
     assert img.shape[0] > 200 and np.std(img) > 0.01  # a drawn figure, not a blank canvas
 
