@@ -93,9 +93,22 @@ def layer_spec():
 
 
 def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1):
-    """A fresh Megatron-core GPTModel of this shape (Llama-style)."""
+    """A fresh Megatron-core GPTModel of this shape (Llama-style), whole on every pipeline rank.
+
+    The local path (CPU, and the stages that build models themselves) splits models over
+    tensor-parallel ranks only; pipeline stages come from Megatron-Bridge's providers on the
+    GPU path. Building here under PP > 1 would give every rank half the layers with both the
+    embedding and the output layer, a silently wrong model, so it is refused."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    pp = max(pipeline_parallel, parallel_state.get_pipeline_model_parallel_world_size()
+             if parallel_state.model_parallel_is_initialized() else 1)
+    if pp > 1:
+        raise NotImplementedError(
+            f"launch.pipeline_parallel={pp}: the local Megatron path splits models over tensor "
+            "parallel ranks only; use launch.pipeline_parallel=1 here (pipeline parallelism is "
+            "for the GPU path through Megatron-Bridge)")
     cfg = transformer_config(arch, tensor_parallel, pipeline_parallel)
     model = GPTModel(
         config=cfg,

@@ -86,5 +86,12 @@ def test_tp2_checkpoint_holds_every_shard_and_reloads_at_tp1(tmp_path, megatron)
     assert float((got - ref["logits"]).abs().max()) < 1e-5
 
 
+def test_local_path_refuses_pipeline_parallel(megatron):
+    from distillscale.models.megatron_gpt import build_gpt
+
+    with pytest.raises(NotImplementedError, match="launch.pipeline_parallel=2"):
+        build_gpt(ARCH, VOCAB, 1, 2)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(Path(json.loads(sys.argv[2])))
