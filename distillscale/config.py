@@ -290,8 +290,28 @@ class DistillConfig(Strict):
     # teacher's traces from the supervision stage (`cot_short`, `cot_long`; `blended_cot`: KL
     # on the long trace + CE anchor on the gold answer, weighted by loss.alpha).
     supervision: Literal["label", "cot_short", "cot_long", "blended_cot"] = "label"
+    # `online`: the teacher runs forward next to the student; `cache`: the student trains
+    # against the teacher stage's top-k logit cache of this supervision format (the teacher is
+    # never in memory during training; teacher.supervision.cache.formats must include it).
+    teacher_logits: Literal["online", "cache"] = "online"
+    # `local`: our loop on megatron-core (CPU: local layer spec, fp32); `bridge`: Megatron-Bridge's
+    # distillation provider and training loop (GPU: transformer-engine spec, bf16, TP/PP/SP from
+    # `launch`; distillscale/distill/bridge.py); `auto`: bridge when CUDA and transformer-engine
+    # are importable, else local.
+    backend: Literal["auto", "local", "bridge"] = "auto"
+    # Bridge backend: tokens per training sequence (None: teacher.arch.seq_length, else 4096).
+    seq_length: Annotated[int, Field(gt=0)] | None = None
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=1e-3, min_lr=1e-4)
+
+    @model_validator(mode="after")
+    def _check_cache_loss(self) -> DistillConfig:
+        # A top-k cache knows the teacher's probabilities on its top-k and tail only: enough for
+        # KL(p_teacher || p_student), not for reverse KL or JSD (they weigh the student's mass).
+        if self.teacher_logits == "cache" and self.loss.kind != "forward_kl":
+            raise ValueError(f"teacher_logits=cache supports loss.kind=forward_kl only "
+                             f"(got {self.loss.kind}); use teacher_logits=online")
+        return self
 
 
 class GeneralEvalConfig(Strict):
@@ -361,6 +381,9 @@ class LaunchConfig(Strict):
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
     tensor_parallel: Annotated[int, Field(gt=0)] = 1
     pipeline_parallel: Annotated[int, Field(gt=0)] = 1
+    # Megatron sequence parallelism (activations split along the sequence in the TP group);
+    # applies only when tensor_parallel > 1 (Bridge distillation backend).
+    sequence_parallel: bool = True
     # GPUs one vLLM engine spans (teacher traces, evaluation): a 32B teacher in bf16 needs at
     # least 2 H100s; the paper's data build served its generator with TP=4.
     vllm_tensor_parallel: Annotated[int, Field(gt=0)] = 1

@@ -304,6 +304,10 @@ def _student_hash(student: StudentTarget) -> str:
 def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None = None) -> Path:
     """Distill one step's pruned student; without `step`, the whole schedule (every prune and
     distillation step, each skipped when up to date)."""
+    from distillscale.distill.bridge import select_backend
+
+    # First: a forced `bridge` on a machine without CUDA / transformer-engine fails at once.
+    backend = select_backend(cfg.distill.backend)
     steps = student_steps(cfg, student)
     if step is None:
         for k in range(1, len(steps) + 1):
@@ -315,22 +319,31 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
     src, out_dir = folders[step]
     label = student.name if len(steps) == 1 else f"{student.name} step {step}/{len(steps)}"
     inputs = {"pruned": src, "teacher": p.teacher, "data": p.data}
-    if cfg.distill.supervision != "label":
-        inputs["supervision"] = p.supervision
+    if cfg.distill.supervision != "label" or cfg.distill.teacher_logits == "cache":
+        inputs["supervision"] = p.supervision  # traces, or the logit cache's key
     h = cfg.section_hash("distill", "seed")
     if _skip(out_dir, f"distill {label}", h, inputs):
         return out_dir
+    if backend == "bridge":
+        return _run_distill_bridge(cfg, src, out_dir, h, inputs, label, step, len(steps))
     from distillscale.distill.export import check_hf_export
-    from distillscale.distill.logit_kd import answer_kl, distill
+    from distillscale.distill.logit_kd import (
+        aligned_vocab,
+        answer_kl,
+        answer_logprobs,
+        distill,
+        load_cached_teacher,
+    )
     from distillscale.models.checkpoint import load_model, save_model
     from distillscale.models.megatron_gpt import count_params
 
     _setup(cfg)
     teacher, t_arch, vocab = load_model(p.teacher)
     model, arch, s_vocab = load_model(src)
-    if s_vocab != vocab:
-        raise ValueError(f"{src}: student vocab {s_vocab} != teacher vocab {vocab}")
     encoder, tok = _encoder(cfg, p.teacher, t_arch.seq_length)
+    # One tokenizer (else an error); differently padded vocabularies are compared on its real
+    # range (None: same padding, nothing to align).
+    real_vocab = aligned_vocab(tok, src, vocab, s_vocab)
     if cfg.distill.supervision == "label":
         train_rows = load_split(p.data, "train")
     else:  # rows with the teacher's traces, from the supervision stage
@@ -338,29 +351,36 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
 
         train_rows = load_supervision_rows(p.root, "train", cfg.distill.supervision)
     val_rows = load_split(p.data, "val")
-    kl_before = answer_kl(model, teacher, encoder, val_rows)
+    teacher_val = answer_logprobs(teacher, encoder, val_rows, real_vocab=real_vocab)
+    kl_before = answer_kl(model, teacher_val, encoder, val_rows, real_vocab=real_vocab)
+    cached = None
+    if cfg.distill.teacher_logits == "cache":
+        cached = load_cached_teacher(cfg, p.supervision, p.teacher, train_rows)
+        teacher = None  # only its validation log-probs are kept; training never runs it
     with atomic_stage(out_dir, "distill", h, inputs) as out:
         ckpt, tb = out.path / "checkpoints" / "last.pt", out.path / "tensorboard"
         if cfg.distill.method == "lora_kd":
             from distillscale.distill.lora_kd import lora_distill_megatron
 
             plain, history, adapters = lora_distill_megatron(
-                model, arch, vocab, p.teacher / "hf", tok, encoder, train_rows, cfg.distill,
-                cfg.seed, ckpt, f"lora_kd {label}", tensorboard_dir=tb)
+                model, arch, s_vocab, p.teacher / "hf", tok, encoder, train_rows, cfg.distill,
+                cfg.seed, ckpt, f"lora_kd {label}", tensorboard_dir=tb, cached=cached,
+                real_vocab=real_vocab)
             out.metrics["lora_trainable_params"] = adapters
         else:
             plain, history = distill(
                 model, teacher, encoder, train_rows, cfg.distill, cfg.seed, ckpt,
                 f"distill {label}", eval_fn=_accuracy_eval(model, encoder, val_rows),
-                tensorboard_dir=tb,
+                tensorboard_dir=tb, cached=cached, real_vocab=real_vocab,
             )
-        kl_after = answer_kl(plain, teacher, encoder, val_rows)
-        save_model(plain, arch, vocab, out.path)
-        note = _export_hf(plain, arch, vocab, tok, out.path)
+        kl_after = answer_kl(plain, teacher_val, encoder, val_rows, real_vocab=real_vocab)
+        save_model(plain, arch, s_vocab, out.path)
+        note = _export_hf(plain, arch, s_vocab, tok, out.path)
         (out.path / "checkpoints" / "last.pt").unlink(missing_ok=True)
         out.metrics.update({
             "params": count_params(plain), "val_kl_before": kl_before, "val_kl_after": kl_after,
             "method": cfg.distill.method, "supervision": cfg.distill.supervision,
+            "teacher_logits": cfg.distill.teacher_logits, "aligned_vocab": real_vocab,
             "schedule": cfg.prune.schedule, "step": step, "steps": len(steps),
             "history": history,
         })
@@ -376,6 +396,33 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
                 # A pruned student must actually be faster: CPU prefill speed vs the teacher.
                 out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))
     console.print(f"distill {label}: val KL(teacher||student) {kl_before:.4f} -> {kl_after:.4f}")
+    return out_dir
+
+
+def _run_distill_bridge(cfg: ExperimentConfig, src: Path, out_dir: Path, h: str, inputs: dict,
+                        label: str, step: int, n_steps: int) -> Path:
+    """The GPU path (distillscale/distill/bridge.py): Megatron-Bridge trains from the HF exports
+    of the pruned student and the teacher and writes the distilled student's `hf/`."""
+    from distillscale.distill.bridge import distill_bridge
+
+    p = Paths(cfg)
+    if cfg.distill.supervision == "label":
+        train_rows = load_split(p.data, "train")
+    else:
+        from distillscale.teacher.supervision import load_supervision_rows
+
+        train_rows = load_supervision_rows(p.root, "train", cfg.distill.supervision)
+    val_rows = load_split(p.data, "val")
+    with atomic_stage(out_dir, "distill", h, inputs) as out:
+        # An HF teacher used as is (teacher.source=hf) may have no export in the stage folder.
+        teacher_hf = p.teacher / "hf"
+        if not (teacher_hf / "config.json").is_file() and cfg.teacher.hf_path:
+            teacher_hf = Path(cfg.teacher.hf_path)
+        out.metrics.update(distill_bridge(cfg, src / "hf", teacher_hf, out.path,
+                                          train_rows, val_rows))
+        out.metrics.update({"method": cfg.distill.method, "supervision": cfg.distill.supervision,
+                            "schedule": cfg.prune.schedule, "step": step, "steps": n_steps})
+    console.print(f"distill {label}: Megatron-Bridge backend done")
     return out_dir
 
 

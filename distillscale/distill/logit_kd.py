@@ -6,6 +6,11 @@ The student is wrapped by `mtd.convert(..., mode="kd_loss")` with the teacher co
 ModelOpt `BaseLoss`, for JSD and for the token-chunked memory-safe variants), which is
 masked to the supervised tokens and blended with a CE anchor on the gold answer
 (`losses.blended_cot_loss` has the formula and why the anchor matters).
+
+`distill.teacher_logits=cache`: the student trains against the teacher stage's top-k logit
+cache instead (`find_logit_cache`, `CachedTeacher`, `losses.cached_topk_kl`), a plain student
+forward with no teacher in memory. Teacher and student padded to different vocabulary sizes
+are compared on the real tokenizer range (`aligned_vocab`, `losses.align_vocab`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import torch.nn.functional as F
 
 from distillscale.config import DistillConfig
 from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean re-exported)
+    VocabMismatchError,
     alpha_at,
     answer_ce,
     blend,
+    cached_topk_kl,
     divergence_logits_loss,
     masked_mean,
     per_sequence_mean,
+    real_vocab_size,
 )
 from distillscale.models.megatron_gpt import causal_mask, forward_logits
 from distillscale.teacher.supervision import supervision_batch
@@ -31,8 +39,11 @@ from distillscale.tokenizer import PromptEncoder
 from distillscale.train.loop import train
 
 
-def make_kd_model(student, teacher, cfg: DistillConfig):
-    """Wrap `student` with ModelOpt's Megatron distillation (teacher inside, frozen)."""
+def make_kd_model(student, teacher, cfg: DistillConfig, real_vocab: int | None = None):
+    """Wrap `student` with ModelOpt's Megatron distillation (teacher inside, frozen).
+
+    `real_vocab`: the two models are padded to different vocabulary sizes; the criterion then
+    compares them on the real tokenizer range (`losses.align_vocab`)."""
     import modelopt.torch.distill as mtd
     from modelopt.torch.distill.plugins.megatron import (
         DistillationConfig,
@@ -41,9 +52,9 @@ def make_kd_model(student, teacher, cfg: DistillConfig):
         setup_distillation_config,
     )
 
-    if cfg.loss.kind == "jsd" or cfg.loss.chunk_tokens > 0:
+    if cfg.loss.kind == "jsd" or cfg.loss.chunk_tokens > 0 or real_vocab is not None:
         loss = divergence_logits_loss(student.config, cfg.loss.kind, cfg.loss.temperature,
-                                      cfg.loss.chunk_tokens)
+                                      cfg.loss.chunk_tokens, real_vocab)
     else:  # ModelOpt's own KL (full-vocabulary fp32 per micro-batch)
         loss = LogitsKLLoss(student.config, temperature=cfg.loss.temperature,
                             reverse=cfg.loss.kind == "reverse_kl")
@@ -111,59 +122,241 @@ def distill(
     desc: str,
     eval_fn=None,
     tensorboard_dir: Path | None = None,
+    cached: CachedTeacher | None = None,
+    real_vocab: int | None = None,
 ) -> tuple[object, list[dict]]:
-    """Distill `teacher` into `student` in place; returns (plain student, history)."""
-    kd = make_kd_model(student, teacher, cfg)
+    """Distill `teacher` into `student` in place; returns (plain student, history).
+
+    With `cached` (a `CachedTeacher` over `train_rows`) the student trains against the teacher's
+    cached top-k and `teacher` may be None. `real_vocab`: teacher and student are padded to
+    different vocabulary sizes; both are compared on the first `real_vocab` ids.
+    """
     t2 = cfg.loss.temperature**2
     sup = supervision_batch(encoder, train_rows, cfg.supervision)
     kl_masks = kl_mask_for(sup, cfg.supervision)
+    if cached is not None:
+        cached.check_spans(sup)
+        # ModelOpt's DistillationModel runs a live teacher module inside the student's forward
+        # and its criteria compare two logit tensors; a cached top-k is neither. So the cached
+        # path is a plain student forward and `losses.cached_topk_kl` over the same KL mask,
+        # temperature and CE anchor as the online path. The teacher is never in memory.
+        model = student
+    else:
+        model = make_kd_model(student, teacher, cfg, real_vocab)
 
     def loss_fn(idx: np.ndarray, step: int):
         tokens = sup.tokens[idx]
         b, s = tokens.shape
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        logits = kd(tokens, pos, causal_mask(s))  # student logits [b, s, v]; teacher runs inside
         kl_mask = kl_masks[idx]
+        if cached is not None:
+            logits = forward_logits(model, tokens)  # [b, s, v], gathered over TP
+            if real_vocab is not None:
+                logits = logits[..., :real_vocab]
+            kl = cached.kl(logits, idx, cfg.loss.temperature, kl_mask) * t2
+        else:
+            pos = torch.arange(s).unsqueeze(0).expand(b, s)
+            logits = model(tokens, pos, causal_mask(s))  # student logits; teacher runs inside
+            if real_vocab is not None:
+                logits = logits[..., :real_vocab]
 
-        def reduce(loss_tuple):
-            per_token, tp_reduce, _sp = loss_tuple  # ModelOpt returns (loss[b, s], tp, sp)
-            if tp_reduce and _tp_size() > 1:
-                # Each TP rank holds a vocabulary shard's partial sum: the value is the sum over
-                # ranks, the gradient only this rank's term (the cross-shard terms already flow
-                # through the criterion's all-reduced softmax normaliser). A differentiable
-                # all-reduce here would multiply every gradient by the TP size.
-                import torch.distributed as dist
-                from megatron.core import parallel_state
+            def reduce(loss_tuple):
+                per_token, tp_reduce, _sp = loss_tuple  # ModelOpt returns (loss[b, s], tp, sp)
+                if tp_reduce and _tp_size() > 1:
+                    # Each TP rank holds a vocabulary shard's partial sum: the value is the sum
+                    # over ranks, the gradient only this rank's term (the cross-shard terms
+                    # already flow through the criterion's all-reduced softmax normaliser). A
+                    # differentiable all-reduce here would multiply every gradient by the TP size.
+                    import torch.distributed as dist
+                    from megatron.core import parallel_state
 
-                total = per_token.detach().clone()
-                dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-                per_token = per_token + (total - per_token.detach())
-            return per_sequence_mean(per_token, kl_mask)
+                    total = per_token.detach().clone()
+                    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+                    per_token = per_token + (total - per_token.detach())
+                return per_sequence_mean(per_token, kl_mask)
 
-        losses = kd.compute_kd_loss(loss_reduction_fn=reduce, skip_balancer=True)
-        kl = sum(losses.values()) * t2
+            losses = model.compute_kd_loss(loss_reduction_fn=reduce, skip_balancer=True)
+            kl = sum(losses.values()) * t2
         alpha = alpha_at(step, cfg.loss.alpha, cfg.loss.alpha_warmup_steps)
-        ce = _answer_ce(logits, sup.targets[idx], sup.answer_mask[idx]) if alpha < 1.0 else None
+        ce = None
+        if alpha < 1.0:  # the cached path's logits are gathered over TP: plain CE
+            ce = (answer_ce if cached is not None else _answer_ce)(
+                logits, sup.targets[idx], sup.answer_mask[idx])
         logs = {"kl": float(kl.detach()), "alpha": alpha}
         if ce is not None:
             logs["ce"] = float(ce.detach())
         return blend(kl, ce, alpha), logs
 
-    params = [p for p in kd.parameters() if p.requires_grad]
-    result = train(kd, params, loss_fn, len(train_rows), cfg.train, seed, checkpoint, desc, eval_fn,
-                   tensorboard_dir=tensorboard_dir)
-    return unwrap_student(kd), result.history
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = train(model, params, loss_fn, len(train_rows), cfg.train, seed, checkpoint, desc,
+                   eval_fn, tensorboard_dir=tensorboard_dir)
+    return (model if cached is not None else unwrap_student(model)), result.history
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached teacher logits
+# ---------------------------------------------------------------------------------------------
+
+
+class LogitCacheMissingError(FileNotFoundError):
+    """The configured logit cache does not exist or does not cover the training rows."""
+
+
+def _missing(fmt: str, what: str) -> LogitCacheMissingError:
+    return LogitCacheMissingError(
+        f"distill.teacher_logits=cache: {what}; run the teacher stage with "
+        f"teacher.supervision.cache.formats including {fmt}")
+
+
+def find_logit_cache(supervision_manifest: dict | None, cache_root: Path, fmt: str,
+                     teacher_fingerprint: str | None = None):
+    """The complete `LogitCache` the supervision stage built for format `fmt`.
+
+    The supervision manifest names each format's cache key; the cache itself must be complete
+    and made by this teacher (its index records the teacher fingerprint)."""
+    from distillscale.teacher.logit_cache import LogitCache
+
+    caches = ((supervision_manifest or {}).get("metrics") or {}).get("caches") or {}
+    entry = caches.get(fmt)
+    if not entry or "key" not in entry:
+        have = sorted(k for k, v in caches.items() if isinstance(v, dict) and "key" in v)
+        why = entry.get("error") if isinstance(entry, dict) and entry.get("error") else None
+        raise _missing(fmt, f"the supervision stage has no logit cache for format {fmt!r} "
+                       f"(cached formats: {have or 'none'}" + (f"; {why}" if why else "") + ")")
+    cache = LogitCache(cache_root, entry["key"])
+    if not cache.complete:
+        raise _missing(fmt, f"logit cache {cache.path} (format {fmt!r}, key {entry['key']}) is "
+                       "missing or incomplete (no index.json)")
+    made_by = cache.index().get("teacher")
+    if teacher_fingerprint is not None and made_by not in (None, teacher_fingerprint):
+        raise _missing(fmt, f"logit cache {cache.path} was made by teacher {made_by}, not "
+                       f"this teacher ({teacher_fingerprint})")
+    return cache
+
+
+def load_cached_teacher(cfg, supervision_dir: Path, teacher_dir: Path,
+                        train_rows: list[dict]) -> CachedTeacher:
+    """The teacher stage's logit cache of `cfg.distill.supervision` over `train_rows`."""
+    from distillscale.manifest import read_manifest
+    from distillscale.teacher.logit_cache import fingerprint_path
+    from distillscale.teacher.stage import cache_root, teacher_model_dir
+
+    fmt = cfg.distill.supervision
+    cache = find_logit_cache(read_manifest(Path(supervision_dir)), cache_root(cfg), fmt,
+                             fingerprint_path(teacher_model_dir(cfg, Path(teacher_dir))))
+    return CachedTeacher(cache, train_rows, fmt)
+
+
+class CachedTeacher:
+    """A logit cache's entries for the training rows, flattened per supervised token.
+
+    Row i of `train_rows` covers the cache's positions [start, start + n) of that row, which
+    are the row's KD positions in `supervision_batch` (checked by `check_spans`)."""
+
+    def __init__(self, cache, train_rows: list[dict], fmt: str):
+        loaded = cache.load()
+        ids = [r.get("id") for r in train_rows]
+        missing = [i for i in ids if i not in loaded]
+        if missing:
+            raise _missing(fmt, f"logit cache {cache.path} (format {fmt!r}) has no entry for "
+                           f"{len(missing)} of {len(ids)} training rows (first: {missing[:3]})")
+        entries = [loaded[i] for i in ids]
+        self.fmt, self.path, self.row_ids = fmt, cache.path, ids
+        self.starts = np.array([e.start for e in entries], dtype=np.int64)
+        self.counts = np.array([len(e.ids) for e in entries], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.ids = torch.from_numpy(np.concatenate([e.ids for e in entries])).long()
+        self.logprobs = torch.from_numpy(np.concatenate([e.logprobs for e in entries]))
+        self.tail = torch.from_numpy(np.concatenate([e.tail_logprob for e in entries]))
+        sampled = entries[0].tail_ids is not None
+        self.tail_ids = torch.from_numpy(np.concatenate(
+            [e.tail_ids for e in entries])).long() if sampled else None
+        self.tail_logprobs = torch.from_numpy(np.concatenate(
+            [e.tail_sample_logprobs for e in entries])) if sampled else None
+
+    def check_spans(self, sup) -> None:
+        """Every row's cached positions must be exactly its KD positions in this batch."""
+        kd = sup.kd_mask > 0
+        for i, rid in enumerate(self.row_ids):
+            cols = torch.nonzero(kd[i]).flatten()
+            lo = int(cols.min()) if len(cols) else -1
+            if lo != self.starts[i] or len(cols) != self.counts[i]:
+                raise _missing(self.fmt, (
+                    f"logit cache {self.path} (format {self.fmt!r}) row {rid!r} covers positions "
+                    f"{self.starts[i]}..{self.starts[i] + self.counts[i] - 1}, training "
+                    f"supervises {lo}..{lo + len(cols) - 1} (rows changed since the cache was built)"))
+
+    def kl(self, logits: torch.Tensor, idx: np.ndarray, temperature: float,
+           kl_mask: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean KL_T(cached teacher || student) over `kl_mask` (no T^2)."""
+        b, s = logits.shape[:2]
+        rows = np.repeat(np.arange(len(idx)), self.counts[idx])
+        cols = np.concatenate([np.arange(st, st + n) for st, n in
+                               zip(self.starts[idx], self.counts[idx])])
+        flat = torch.from_numpy(np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1])
+                                                for i in idx]))
+        r, c = torch.from_numpy(rows), torch.from_numpy(cols)
+        per = cached_topk_kl(
+            logits[r, c], self.ids[flat], self.logprobs[flat], self.tail[flat], temperature,
+            None if self.tail_ids is None else self.tail_ids[flat],
+            None if self.tail_logprobs is None else self.tail_logprobs[flat])
+        per_token = torch.zeros(b, s, dtype=per.dtype).index_put((r, c), per)
+        return per_sequence_mean(per_token, kl_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary alignment
+# ---------------------------------------------------------------------------------------------
+
+
+def aligned_vocab(teacher_tokenizer, student_dir: Path | None, teacher_vocab: int,
+                  student_vocab: int) -> int | None:
+    """None when teacher and student have the same padded vocabulary; otherwise the real
+    tokenizer range both are compared on. Either way the student's own tokenizer (its HF
+    export's, when it has one) must be the teacher's: a real mismatch raises."""
+    student_tokenizer = None
+    hf = Path(student_dir) / "hf" if student_dir is not None else None
+    if hf is not None and (hf / "tokenizer_config.json").is_file():
+        from distillscale.tokenizer import load_tokenizer
+
+        student_tokenizer = load_tokenizer(hf)
+    try:
+        real = real_vocab_size(teacher_tokenizer, student_tokenizer)
+    except VocabMismatchError as e:
+        raise VocabMismatchError(f"{hf}: {e}") from None
+    if student_vocab == teacher_vocab:
+        return None
+    for who, v in (("teacher", teacher_vocab), ("student", student_vocab)):
+        if v < real:
+            raise VocabMismatchError(
+                f"{who} has {v} output logits, fewer than the tokenizer's {real} tokens")
+    return real
 
 
 @torch.no_grad()
-def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256) -> float:
-    """Mean KL(p_teacher || p_student) at the answer position over `rows` (T=1, full vocab)."""
-    total, n = 0.0, 0
+def answer_logprobs(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+                    real_vocab: int | None = None) -> torch.Tensor:
+    """[rows, V] log-probabilities at the answer position (T=1; the first `real_vocab` ids)."""
+    out = []
     for i in range(0, len(rows), batch_size):
         b = encoder.encode(rows[i : i + batch_size])
-        ar = torch.arange(len(b.answer_pos))
-        lt = forward_logits(teacher, b.tokens)[ar, b.answer_pos].float().log_softmax(-1)
-        ls = forward_logits(student, b.tokens)[ar, b.answer_pos].float().log_softmax(-1)
-        total += F.kl_div(ls, lt, reduction="sum", log_target=True).item()
-        n += len(ar)
-    return total / max(n, 1)
+        logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)), b.answer_pos]
+        if real_vocab is not None:
+            logits = logits[..., :real_vocab]
+        out.append(logits.float().log_softmax(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+              real_vocab: int | None = None) -> float:
+    """Mean KL(p_teacher || p_student) at the answer position over `rows` (T=1, full vocab).
+
+    `teacher` is a model or its `answer_logprobs` (computed once, so the teacher need not stay
+    in memory while a student trains from the logit cache)."""
+    lt = teacher if isinstance(teacher, torch.Tensor) else answer_logprobs(
+        teacher, encoder, rows, batch_size, real_vocab)
+    ls = answer_logprobs(student, encoder, rows, batch_size, real_vocab)
+    if ls.shape != lt.shape:
+        raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
+                                 f"{tuple(ls.shape)} differ: pass real_vocab")
+    return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distillscale.config import DistillConfig
-from distillscale.distill.losses import alpha_at, blended_cot_loss
+from distillscale.distill.losses import align_vocab, alpha_at, answer_ce, blend, blended_cot_loss
 from distillscale.teacher.supervision import supervision_batch
 from distillscale.tokenizer import PromptEncoder
 from distillscale.train.loop import train
@@ -51,28 +51,47 @@ def distill_lora_hf(
     checkpoint: Path,
     desc: str,
     tensorboard_dir: Path | None = None,
+    cached=None,
+    real_vocab: int | None = None,
 ):
     """Train LoRA adapters on `student_hf` (a transformers causal LM) against `teacher_hf`.
 
     Returns (peft model with trained adapters, history). The KL covers the same tokens as in
-    `logit_kd` (`kl_mask_for`), with the same alpha / temperature / warm-up.
+    `logit_kd` (`kl_mask_for`), with the same alpha / temperature / warm-up. With `cached` (a
+    `logit_kd.CachedTeacher`) the teacher's cached top-k replaces `teacher_hf` (None then);
+    `real_vocab` aligns differently padded vocabularies as in `logit_kd`.
     """
     from distillscale.distill.logit_kd import kl_mask_for
 
-    for p in teacher_hf.parameters():
-        p.requires_grad_(False)
-    teacher_hf.eval()
+    if cached is None:
+        for p in teacher_hf.parameters():
+            p.requires_grad_(False)
+        teacher_hf.eval()
     peft_model = add_lora(student_hf, cfg.lora_rank, cfg.lora_alpha)
     sup = supervision_batch(encoder, train_rows, cfg.supervision)
     kl_masks = kl_mask_for(sup, cfg.supervision)
     chunk = cfg.loss.chunk_tokens or 256
+    if cached is not None:
+        cached.check_spans(sup)
 
     def loss_fn(idx: np.ndarray, step: int):
         tokens = sup.tokens[idx]
-        with torch.no_grad():
-            t_logits = teacher_hf(input_ids=tokens).logits
         s_logits = peft_model(input_ids=tokens).logits
         alpha = alpha_at(step, cfg.loss.alpha, cfg.loss.alpha_warmup_steps)
+        if cached is not None:
+            if real_vocab is not None:
+                s_logits = s_logits[..., :real_vocab]
+            kl = cached.kl(s_logits, idx, cfg.loss.temperature, kl_masks[idx])
+            kl = kl * cfg.loss.temperature**2
+            ce = answer_ce(s_logits, sup.targets[idx], sup.answer_mask[idx]) if alpha < 1 else None
+            logs = {"kl": float(kl.detach()), "alpha": alpha}
+            if ce is not None:
+                logs["ce"] = float(ce.detach())
+            return blend(kl, ce, alpha), logs
+        with torch.no_grad():
+            t_logits = teacher_hf(input_ids=tokens).logits
+        if real_vocab is not None:
+            s_logits, t_logits = align_vocab(s_logits, t_logits, real_vocab)
         loss, logs = blended_cot_loss(
             s_logits, t_logits, sup.targets[idx], kl_masks[idx], sup.answer_mask[idx],
             alpha=alpha, temperature=cfg.loss.temperature, kind=cfg.loss.kind,
@@ -89,7 +108,8 @@ def distill_lora_hf(
 def lora_distill_megatron(student, arch, vocab: int, teacher_hf_dir: Path, tokenizer,
                           encoder: PromptEncoder, train_rows: list[dict], cfg: DistillConfig,
                           seed: int, checkpoint: Path, desc: str,
-                          tensorboard_dir: Path | None = None):
+                          tensorboard_dir: Path | None = None, cached=None,
+                          real_vocab: int | None = None):
     """`lora_kd` for a Megatron student: export -> LoRA KD in transformers -> merge -> back.
 
     Returns (merged Megatron GPTModel, history, adapter parameter count).
@@ -102,9 +122,12 @@ def lora_distill_megatron(student, arch, vocab: int, teacher_hf_dir: Path, token
         save_hf(student, arch, vocab, Path(tmp) / "student")
         student_hf = AutoModelForCausalLM.from_pretrained(str(Path(tmp) / "student"),
                                                           dtype=torch.float32)
-        teacher_hf = AutoModelForCausalLM.from_pretrained(str(teacher_hf_dir), dtype=torch.float32)
+        # From the logit cache the teacher is never loaded.
+        teacher_hf = None if cached is not None else AutoModelForCausalLM.from_pretrained(
+            str(teacher_hf_dir), dtype=torch.float32)
         peft_model, history = distill_lora_hf(student_hf, teacher_hf, encoder, train_rows, cfg,
-                                              seed, checkpoint, desc, tensorboard_dir)
+                                              seed, checkpoint, desc, tensorboard_dir,
+                                              cached=cached, real_vocab=real_vocab)
         adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(Path(tmp) / "merged")

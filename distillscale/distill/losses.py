@@ -242,6 +242,95 @@ def topk_kl(
     return head + tail
 
 
+def cached_teacher_at_temperature(
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
+    temperature: float, vocab: int, tail_logprobs: torch.Tensor | None = None,
+    tail_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cached teacher (log-probabilities at T=1, as the teacher stage writes them) at the
+    distillation temperature, restricted to ids < `vocab` (the real tokenizer range).
+
+    Returns (top-k log-probabilities at T [..., k] (-inf for padding ids), log of the tail mass
+    at T [...], log-normaliser at T [...]). softmax(z / T) gives each top-k id the weight
+    p_i^(1/T) / Z_T; the tail's share sum_{j in tail} p_j^(1/T) is known exactly only at T=1:
+    with tail draws j ~ p_j / p_tail (`tail_logprobs`) it is the importance estimate
+    p_tail * mean_j p_j^(1/T - 1) (unbiased); with a merged tail it is p_tail^(1/T), the tail
+    treated as one outcome (exact at T=1, an underestimate for T > 1).
+    """
+    a = 1.0 / temperature
+    lp = topk_logprobs.float()
+    log_u = torch.where(topk_ids < vocab, lp * a, float("-inf"))
+    tail = tail_logprob.float()
+    # A tail below TAIL_EPS is fp rounding of a top-k that holds everything (as in `topk_kl`);
+    # at T > 1 raising it to 1/T would turn that noise into real mass.
+    tail = torch.where(tail.exp() > TAIL_EPS, tail, float("-inf"))
+    if tail_logprobs is None:
+        log_u_tail = tail * a
+    else:
+        tl = tail_logprobs.float()
+        valid = tail_ids < vocab if tail_ids is not None else torch.ones_like(tl, dtype=torch.bool)
+        w = torch.where(valid, tl * (a - 1.0), float("-inf"))
+        log_u_tail = tail + torch.logsumexp(w, -1) - math.log(tl.shape[-1])
+    log_z = torch.logsumexp(torch.cat([log_u, log_u_tail.unsqueeze(-1)], -1), -1)
+    return log_u - log_z.unsqueeze(-1), log_u_tail - log_z, log_z
+
+
+def cached_topk_kl(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor, temperature: float = 1.0,
+    tail_ids: torch.Tensor | None = None, tail_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-position KL_T(p_teacher || p_student) [N] from a teacher logit cache entry ([N, k]
+    top-k ids and T=1 log-probabilities, [N] tail log-mass, optional [N, m] tail draws), with
+    `student_logits` [N, V] already cut to the real vocabulary (cached padding ids get no mass).
+
+    With a merged tail this is `topk_kl` on the teacher rescaled to temperature T; with tail
+    draws the tail term is the importance-weighted estimate of the full tail sum,
+    mean_j w_j (log p^T_j - log q^T_j), w_j = p^T_j / (p_j / p_tail) (unbiased at T=1, the
+    random-sampling KD estimate `logit_cache.kl_topk` computes).
+    """
+    vocab = student_logits.shape[-1]
+    lt_k, lt_tail, log_z = cached_teacher_at_temperature(
+        topk_ids, topk_logprobs, tail_logprob, temperature, vocab, tail_logprobs, tail_ids)
+    valid = topk_ids < vocab
+    ids = torch.where(valid, topk_ids, 0).long()
+    if tail_ids is None:
+        # Padding ids: log-prob -inf -> weight 0 in `topk_kl`; the -1e4 stand-in keeps
+        # 0 * (lt - ls) finite, and id 0 (their placeholder) stays in the student's tail unless
+        # it is a real top-k id.
+        lt_safe = torch.where(valid, lt_k, -1e4)
+        if bool((~valid).any()):
+            return _topk_kl_masked(student_logits, ids, lt_safe, valid, lt_tail.exp(),
+                                   temperature)
+        return topk_kl(student_logits, ids, lt_safe, lt_tail.exp(), temperature)
+    ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    pt = lt_k.exp()
+    head = torch.where(valid, pt * (lt_k - torch.gather(ls, -1, ids)), 0.0).sum(-1)
+    t_valid = tail_ids < vocab
+    t_ids = torch.where(t_valid, tail_ids, 0).long()
+    tl = tail_logprobs.float()
+    lt_j = tl / temperature - log_z.unsqueeze(-1)
+    t_log = tail_logprob.float()
+    t_log = torch.where(t_log.exp() > TAIL_EPS, t_log, float("-inf"))  # as the normaliser's
+    w = (lt_j - tl + t_log.unsqueeze(-1)).exp()
+    tail = torch.where(t_valid, w * (lt_j - torch.gather(ls, -1, t_ids)), 0.0).mean(-1)
+    return head + tail
+
+
+def _topk_kl_masked(student_logits, ids, lt_k, valid, tail_mass, temperature):
+    """`topk_kl` where some top-k entries are padding ids (weight 0, not removed from the
+    student's tail)."""
+    ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    pt = torch.where(valid, lt_k.exp(), 0.0)
+    head = (pt * (lt_k - torch.gather(ls, -1, ids))).sum(-1)
+    in_top = torch.zeros_like(ls).scatter_reduce(-1, ids, valid.float(), reduce="amax") > 0
+    s_tail_log = torch.logsumexp(ls.masked_fill(in_top, float("-inf")), -1).clamp_min(-1e4)
+    tail_mass = torch.where(tail_mass > TAIL_EPS, tail_mass, 0.0)
+    tail = torch.where(tail_mass > 0, tail_mass * (tail_mass.clamp_min(1e-30).log() - s_tail_log),
+                       torch.zeros_like(tail_mass))
+    return head + tail
+
+
 # ---------------------------------------------------------------------------------------------
 # Vocabulary alignment
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +392,7 @@ def align_vocab(
 
 
 def divergence_logits_loss(model_config, kind: str = "jsd", temperature: float = 1.0,
-                           chunk_tokens: int = 0):
+                           chunk_tokens: int = 0, real_vocab: int | None = None):
     """A ModelOpt Megatron criterion (a `BaseLoss`) giving the per-token divergence [b, s]
     between the output-layer logits: JSD, or forward / reverse KL computed token-chunked.
 
@@ -312,10 +401,17 @@ def divergence_logits_loss(model_config, kind: str = "jsd", temperature: float =
     rank holds a vocabulary shard: the log-softmax normaliser is all-reduced (max, then sum of
     exp) and each rank returns its shard's partial sum with `tp_reduce=True`, which the
     reduction function sums over the TP group (chunking is not applied there).
+    `real_vocab`: teacher and student padded to different vocabulary sizes; both logits are cut
+    to the real tokenizer range first (`align_vocab`; TP=1 only: the two models' vocabulary
+    shards would cover different id ranges).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown divergence kind {kind!r} (one of {KINDS})")
-    return _criterion_class()(model_config, kind, temperature, chunk_tokens)
+    if real_vocab is not None and model_config.tensor_model_parallel_size > 1:
+        raise NotImplementedError(
+            "teacher and student with different padded vocabularies are aligned at "
+            "tensor_parallel=1 only (each rank's vocabulary shard covers different ids)")
+    return _criterion_class()(model_config, kind, temperature, chunk_tokens, real_vocab)
 
 
 _CRITERION = None
@@ -328,9 +424,11 @@ def _criterion_class():
     from modelopt.torch.distill.plugins.megatron import BaseLoss
 
     class DivergenceLogitsLoss(BaseLoss):
-        def __init__(self, model_config, kind: str, temperature: float, chunk_tokens: int):
+        def __init__(self, model_config, kind: str, temperature: float, chunk_tokens: int,
+                     real_vocab: int | None = None):
             super().__init__(model_config)
             self._kind, self._temperature, self._chunk = kind, temperature, chunk_tokens
+            self._real_vocab = real_vocab
 
         def _tp_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
             import torch.distributed as dist
@@ -346,6 +444,8 @@ def _criterion_class():
 
         def forward(self, predictions, targets):
             predictions, targets = self.pre_forward(predictions, targets)  # [s, b, v]
+            if self._real_vocab is not None:
+                predictions, targets = align_vocab(predictions, targets, self._real_vocab)
             if self._config.tensor_model_parallel_size > 1:
                 ls = self._tp_log_softmax(predictions.float() / self._temperature)
                 lt = self._tp_log_softmax(targets.float() / self._temperature)

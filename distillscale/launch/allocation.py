@@ -34,6 +34,9 @@ class LaunchPlan:
     pipeline_parallel: int
     data_parallel: int
     vllm_tensor_parallel: int
+    # Shown by the launchers' plan line; the recipe reads them from the same config + overrides.
+    sequence_parallel: bool
+    distill_backend: str
     image: str
     mounts: str
     time: str
@@ -126,6 +129,7 @@ def plan_launch(
         kind=kind, name=cfg.name, run_dir=str(cfg.run_dir), nodes=nodes, gpus_per_node=gpus,
         tasks_per_node=tasks_per_node, world_size=world, tensor_parallel=tp,
         pipeline_parallel=pp, data_parallel=dp, vllm_tensor_parallel=vtp,
+        sequence_parallel=lc.sequence_parallel and tp > 1, distill_backend=cfg.distill.backend,
         image=image or lc.container, mounts=",".join(mounts), time=time or lc.time,
         partition=partition or lc.partition or "", account=account or lc.account or "",
     )
