@@ -74,7 +74,7 @@ class DataConfig(Strict):
     semantic_dedup: bool = True
     semantic_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     semantic_clusters: Annotated[int, Field(gt=0)] = 100
-    # `minilm`: all-MiniLM-L6-v2 (~160 headlines/s on 2 CPU cores); `minilm_static`: its
+    # `minilm`: all-MiniLM-L6-v2 (~210 headlines/s on 2 CPU cores); `minilm_static`: its
     # word-piece embeddings mean-pooled, for CPU runs at 500k scale (distillscale/data/dedup.py).
     embedding: Literal["minilm", "minilm_static"] = "minilm"
     # int8 dynamic quantization of MiniLM: ~2.3x faster embeddings on CPU.

@@ -10,8 +10,9 @@ Stages (each one a Curator stage; the pipeline is readable in `curation_stages`)
 
 The stages *score* rather than drop, so the driver can record which filter rejected each row
 (`rejects.jsonl` keeps every rejected row with its reason); the keep decision is the filter's
-own `keep_document`. Ray's temp folder lives inside the run folder and Ray is shut down after
-the run, so no worker or temp file outlives the stage. The default Xenna streaming executor
+own `keep_document`. Ray's temp folder lives inside the run folder; Ray is started once per
+build (`ray_session`, held by the recipe across its rounds) and shut down at its end, on error
+too, so no worker or temp file outlives the stage. The default Xenna streaming executor
 refuses 2-core machines; `RayDataExecutor` does not.
 """
 
@@ -142,6 +143,16 @@ def ray_session(run_dir: Path, num_cpus: int | None = None) -> Iterator[Path]:
             time.sleep(1)
 
 
+@contextlib.contextmanager
+def _session_kept_open(ray) -> Iterator[None]:
+    real = ray.shutdown
+    ray.shutdown = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ray.shutdown = real
+
+
 def run_curation(
     df: pd.DataFrame, settings: FilterSettings, run_dir: Path, *, batch_rows: int = 50_000
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -159,9 +170,19 @@ def run_curation(
                       data=df.iloc[i : i + batch_rows].reset_index(drop=True))
         for i in range(0, len(df), batch_rows)
     ]
+    import ray
+
     logging.getLogger("ray").setLevel(logging.WARNING)
-    with ray_session(run_dir, num_cpus=min(os.cpu_count() or 1, len(tasks) + 1)):
-        results = pipeline.run(RayDataExecutor(), initial_tasks=tasks)
+    if ray.is_initialized():
+        # A caller that runs several curations (the recipe's rounds) holds one Ray session
+        # for all of them. Curator 1.4's `RayDataExecutor.execute` ends every run with
+        # `ray.shutdown()`, which would restart Ray (seconds, and a fresh set of workers)
+        # each round; that shutdown is deferred to the end of the caller's session.
+        with _session_kept_open(ray):
+            results = pipeline.run(RayDataExecutor(), initial_tasks=tasks)
+    else:
+        with ray_session(run_dir, num_cpus=min(os.cpu_count() or 1, len(tasks) + 1)):
+            results = pipeline.run(RayDataExecutor(), initial_tasks=tasks)
     out = pd.concat([t.to_pandas() for t in results or []], ignore_index=True)
     if len(out) != len(df):
         raise RuntimeError(f"curation returned {len(out)} rows for {len(df)} (rows lost)")

@@ -32,7 +32,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from distillscale.data.curate import FilterSettings, run_curation
+from distillscale.data.curate import FilterSettings, ray_session, run_curation
 from distillscale.data.dedup import ExactIndex, NearDupIndex, SemanticIndex, make_embedder
 from distillscale.data.generate import class_counts
 from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
@@ -125,88 +125,98 @@ def run_recipe(
     rows_in = 0
     weights, ask = next_class_weights(targets, have, survival)
     ask = math.ceil(ask * settings.oversample)
-    for r in range(1, settings.max_rounds + 1):
-        if not weights:
-            break
-        t0 = time.time()
-        spec = RoundSpec(max(ask, settings.min_round_rows), weights, pattern_weights, fewshot)
-        gen = synthesize(taxonomy, slot_values, spec, work_dir, name=f"round_{r:03d}",
-                         seed=seed * 1000 + r, llm=settings.llm)
-        gen["gold_label"] = gen["label"]
-        gen["round"] = r
-        gen["gid"] = [f"r{r}-{i}" for i in range(len(gen))]
-        rows_in += len(gen)
-        counts = {"round": r, "generated": len(gen)}
+    # One Ray session for the whole build (its start costs seconds and its workers hold
+    # memory); the context manager shuts it down and removes its temp folder on success
+    # and on error alike.
+    with ray_session(work_dir):
+        for r in range(1, settings.max_rounds + 1):
+            if not weights:
+                break
+            t0 = time.time()
+            spec = RoundSpec(max(ask, settings.min_round_rows), weights, pattern_weights, fewshot)
+            gen = synthesize(taxonomy, slot_values, spec, work_dir, name=f"round_{r:03d}",
+                             seed=seed * 1000 + r, llm=settings.llm)
+            # The filled phrasing is only an input of the text column: at 525k rows it is
+            # a second copy of every headline held for the whole round.
+            gen = gen.drop(columns="draft")
+            gen["gold_label"] = gen["label"]
+            gen["round"] = r
+            gen["gid"] = [f"r{r}-{i}" for i in range(len(gen))]
+            rows_in += len(gen)
+            counts = {"round": r, "generated": len(gen)}
 
-        def reject(df: pd.DataFrame, reasons, stage: str, counts=counts, r=r) -> None:
-            counts[stage] = len(df)
-            for row, why in zip(df.itertuples(index=False), reasons):
-                rejects.append({"row": row.gid, "reason": why, "stage": stage, "raw": {
-                    "text": row.text, "label": row.label, "round": r,
-                }})
+            def reject(df: pd.DataFrame, reasons, stage: str, counts=counts, r=r) -> None:
+                counts[stage] = len(df)
+                for row, why in zip(df.itertuples(index=False), reasons):
+                    rejects.append({"row": row.gid, "reason": why, "stage": stage, "raw": {
+                        "text": row.text, "label": row.label, "round": r,
+                    }})
 
-        # 2. Curator cleaning and filters.
-        cur_in = gen[["gid", "text", "label", "gold_label", "round", "pattern"]].rename(
-            columns={"gid": "id"})
-        kept, bad = run_curation(cur_in, settings.filters, work_dir)
-        kept = kept.rename(columns={"id": "gid"})
-        bad = bad.rename(columns={"id": "gid"})
-        reject(bad, bad["reason"], "filters")
-        # 3. Label validation.
-        ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
-        if settings.llm is not None:
-            # A reply that repeats the prompt or refuses is not a headline of the class.
-            ok &= ~kept["text"].str.contains(r"Event class:|as an ai|I can(?:no|')t", case=False,
-                                             regex=True)
-        bad = kept[~ok]
-        reject(bad, [("unknown label " + repr(lb)) if lb not in known else "not a headline"
-                     for lb in bad["label"]], "labels")
-        kept = kept[ok].reset_index(drop=True)
-        kept["id"] = [row_id(t) for t in kept["text"]]
-        # 4. Global dedup: exact, near, semantic.
-        dup = exact.add(kept["text"].tolist(), kept["id"].tolist())
-        mask = np.array([d is None for d in dup], dtype=bool)
-        reject(kept[~mask], [f"exact duplicate of id {d}" for d in dup if d is not None], "exact")
-        kept = kept[mask].reset_index(drop=True)
-        dup = near.add(kept["text"].tolist(), kept["id"].tolist())
-        mask = np.array([d is None for d in dup], dtype=bool)
-        reject(kept[~mask], [f"near duplicate of id {d}" for d in dup if d is not None], "near")
-        kept = kept[mask].reset_index(drop=True)
-        emb = None
-        if semantic is not None:
-            dup, emb = semantic.add(kept["text"].tolist(), kept["id"].tolist())
+            # 2. Curator cleaning and filters.
+            cur_in = gen[["gid", "text", "label", "gold_label", "round", "pattern"]].rename(
+                columns={"gid": "id"})
+            kept, bad = run_curation(cur_in, settings.filters, work_dir)
+            kept = kept.rename(columns={"id": "gid"})
+            bad = bad.rename(columns={"id": "gid"})
+            reject(bad, bad["reason"], "filters")
+            # 3. Label validation.
+            ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
+            if settings.llm is not None:
+                # A reply that repeats the prompt or refuses is not a headline of the class.
+                ok &= ~kept["text"].str.contains(r"Event class:|as an ai|I can(?:no|')t", case=False,
+                                                 regex=True)
+            bad = kept[~ok]
+            reject(bad, [("unknown label " + repr(lb)) if lb not in known else "not a headline"
+                         for lb in bad["label"]], "labels")
+            kept = kept[ok].reset_index(drop=True)
+            kept["id"] = [row_id(t) for t in kept["text"]]
+            # 4. Global dedup: exact, near, semantic.
+            dup = exact.add(kept["text"].tolist(), kept["id"].tolist())
             mask = np.array([d is None for d in dup], dtype=bool)
-            reject(kept[~mask], [f"semantic duplicate of id {d} (cosine >= "
-                                 f"{settings.semantic_threshold})" for d in dup if d is not None],
-                   "semantic")
-            kept, emb = kept[mask].reset_index(drop=True), emb[mask]
-        else:
-            counts["semantic"] = 0
-        counts["kept"] = len(kept)
-        kept_parts.append(kept)
-        if emb is not None:
-            emb_parts.append(emb)
-        # 5. Survival by class and phrasing; few-shot picks.
-        gen_by = gen.groupby("label").size()
-        kept_by = kept.groupby("label").size()
-        for name, n in gen_by.items():
-            survival[name] = float(kept_by.get(name, 0)) / float(n)
-            have[name] = have.get(name, 0) + int(kept_by.get(name, 0))
-        pattern_weights = _pattern_survival(taxonomy, gen, kept)
-        fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True),
-                           np.vstack(emb_parts) if emb_parts else None, settings.fewshot_k, seed)
-        counts["cumulative_kept"] = sum(have.values())
-        counts["dedup_rate"] = 1 - len(kept) / max(len(gen), 1)
-        counts["seconds"] = round(time.time() - t0, 1)
-        rounds.append(counts)
-        console.print(
-            f"data round {r}: generated {len(gen):,}, kept {len(kept):,} "
-            f"(filters {counts['filters']}, labels {counts['labels']}, exact {counts['exact']}, "
-            f"near {counts['near']}, semantic {counts['semantic']}), corpus "
-            f"{counts['cumulative_kept']:,}/{settings.rows:,}, {counts['seconds']}s"
-        )
-        # 6. Reweight toward the target distribution.
-        weights, ask = next_class_weights(targets, have, survival)
+            reject(kept[~mask], [f"exact duplicate of id {d}" for d in dup if d is not None], "exact")
+            kept = kept[mask].reset_index(drop=True)
+            dup = near.add(kept["text"].tolist(), kept["id"].tolist())
+            mask = np.array([d is None for d in dup], dtype=bool)
+            reject(kept[~mask], [f"near duplicate of id {d}" for d in dup if d is not None], "near")
+            kept = kept[mask].reset_index(drop=True)
+            emb = None
+            if semantic is not None:
+                dup, emb = semantic.add(kept["text"].tolist(), kept["id"].tolist())
+                mask = np.array([d is None for d in dup], dtype=bool)
+                reject(kept[~mask], [f"semantic duplicate of id {d} (cosine >= "
+                                     f"{settings.semantic_threshold})" for d in dup if d is not None],
+                       "semantic")
+                kept, emb = kept[mask].reset_index(drop=True), emb[mask]
+            else:
+                counts["semantic"] = 0
+            counts["kept"] = len(kept)
+            kept_parts.append(kept)
+            if emb is not None:
+                emb_parts.append(emb)
+            # 5. Survival by class and phrasing; few-shot picks.
+            gen_by = gen.groupby("label").size()
+            kept_by = kept.groupby("label").size()
+            for name, n in gen_by.items():
+                survival[name] = float(kept_by.get(name, 0)) / float(n)
+                have[name] = have.get(name, 0) + int(kept_by.get(name, 0))
+            pattern_weights = _pattern_survival(taxonomy, gen, kept)
+            fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True),
+                               np.vstack(emb_parts) if emb_parts else None, settings.fewshot_k, seed)
+            counts["cumulative_kept"] = sum(have.values())
+            counts["dedup_rate"] = 1 - len(kept) / max(len(gen), 1)
+            counts["seconds"] = round(time.time() - t0, 1)
+            rounds.append(counts)
+            console.print(
+                f"data round {r}: generated {len(gen):,}, kept {len(kept):,} "
+                f"(filters {counts['filters']}, labels {counts['labels']}, exact {counts['exact']}, "
+                f"near {counts['near']}, semantic {counts['semantic']}), corpus "
+                f"{counts['cumulative_kept']:,}/{settings.rows:,}, {counts['seconds']}s"
+            )
+            # 6. Reweight toward the target distribution.
+            weights, ask = next_class_weights(targets, have, survival)
+            # This round's frames are summarised above; free them before the next round
+            # generates (rejects and the kept parts hold what is needed).
+            del gen, cur_in, kept, bad, emb
     corpus = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(
         columns=["id", "text", "label", "gold_label", "round"])
     embeddings = np.vstack(emb_parts) if emb_parts else None

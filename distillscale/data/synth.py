@@ -266,6 +266,36 @@ def clean_llm_headline(text: Any) -> str:
     return ""
 
 
+def _deterministic_sampler_order() -> None:
+    """Make Data Designer draw its sampler columns in a fixed order (data-designer 0.9.6).
+
+    Every sampler column draws from one shared NumPy `RandomState` (0.9.6 exposes no seed on
+    the config or the run config; `SamplerColumnGenerator` builds its `DatasetGenerator`
+    without a `random_state`, so NumPy's global generator is used), one column after the
+    other in the topological order of the sampler DAG. That DAG is built from Python *sets*
+    of column names (`engine/sampling_gen/schema.py`, `Dag.nodes` / `Dag.edges`), so the
+    column order, and with it every sampled value, changes with PYTHONHASHSEED from one
+    process to the next even under `np.random.seed`. Building the networkx graph from the
+    sorted names makes the order a function of the config alone. Applied once; harmless if a
+    later Data Designer release already orders the graph.
+    """
+    from data_designer.engine.sampling_gen import schema
+
+    if getattr(schema.Dag, "_distillscale_sorted", False):
+        return
+
+    def to_networkx(self):
+        import networkx as nx
+
+        dag = nx.DiGraph()
+        dag.add_nodes_from(sorted(self.nodes))
+        dag.add_edges_from(sorted(self.edges))
+        return dag
+
+    schema.Dag.to_networkx = to_networkx
+    schema.Dag._distillscale_sorted = True
+
+
 def _designer_class():
     from data_designer.interface import DataDesigner
 
@@ -322,7 +352,9 @@ def synthesize(
         otel_metrics_port=None, buffer_size=min(buffer_size, max(spec.num_records, 1)),
         disable_early_shutdown=llm is not None,
     ))
-    # Data Designer's samplers draw from NumPy's global generator.
+    # Data Designer's samplers draw from NumPy's global generator, in an order made
+    # independent of the process's hash seed (see `_deterministic_sampler_order`).
+    _deterministic_sampler_order()
     np.random.seed(seed)
     builder = build_designer_config(taxonomy, slot_values, spec, llm)
     result = designer.create(builder, num_records=spec.num_records, dataset_name=name)
