@@ -197,6 +197,8 @@ def build_dataset(
             train_idx = [emb_index[r["id"]] for r in splits["train"]]
             card_extra["embeddings"] = emb[train_idx]
             card_extra["embedding_labels"] = [r["label"] for r in splits["train"]]
+            # The card reads the train rows' copy; the whole corpus' matrix can go.
+            result.embeddings = emb = None
     settings = {
         "generator": data.generator, "target_distribution": data.target_distribution,
         "seed": seed, "taxonomy": taxonomy.name,

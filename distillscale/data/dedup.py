@@ -7,8 +7,9 @@ every row kept so far, across all rounds and batches, not only with its own batc
 batch, rows are processed in order, so the first occurrence is kept and later ones point to it.
 
 - `ExactIndex`: hash of the normalised text (case, whitespace and punctuation folded).
-- `NearDupIndex`: datasketch MinHash over character 5-grams + MinHashLSH; candidates are
-  confirmed with the MinHash Jaccard estimate, so an LSH false positive is not dropped.
+- `NearDupIndex`: datasketch MinHash over character 5-grams, banded LSH with MinHashLSH's
+  band layout (buckets held in NumPy arrays, see the class); candidates are confirmed with
+  the MinHash Jaccard estimate, so an LSH false positive is not dropped.
 - `SemanticIndex`: sentence embeddings (all-MiniLM-L6-v2, offline) clustered with k-means as
   in SemDeDup / Curator's semantic dedup, then cosine similarity within each cluster; a row
   above the threshold to an earlier row is a duplicate.
@@ -58,37 +59,123 @@ def char_shingles(text: str, k: int = 5) -> list[bytes]:
 
 
 class NearDupIndex:
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1) -> None:
+    """MinHash (datasketch) signatures with a banded LSH index held in NumPy arrays.
+
+    datasketch computes the signatures and chooses the band layout (`b` bands of `r` rows,
+    the layout `MinHashLSH` picks for the threshold). Its in-memory LSH storage keeps, per
+    row and band, a bytes key and a Python set (~5 KB per row with the `LeanMinHash` kept
+    for confirmation: 2.5 GB at 500k rows), so the buckets are held here instead: the
+    signatures as one integer matrix and each kept row's band keys (a 64-bit hash of the
+    band) in one sorted array searched with `np.searchsorted`, ~0.6 KB per row. Candidates
+    are confirmed with the same Jaccard estimate as `MinHash.jaccard` (equal slots / slots),
+    and among the confirmed candidates the smallest id is reported, as the sorted
+    `MinHashLSH.query` result was; a band-hash collision only adds a candidate that the
+    Jaccard check then judges, so no duplicate is found or missed because of it.
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1,
+                 chunk_rows: int = 20_000) -> None:
         from datasketch import MinHashLSH
 
+        layout = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.bands, self.band_rows = layout.b, layout.r
         self.threshold = threshold
         self.num_perm = num_perm
         self.seed = seed
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._sigs: dict[str, object] = {}
+        # Signatures and band keys are made chunk by chunk: the shingles and MinHash
+        # objects of a whole 500k-row round would otherwise be held at once.
+        self.chunk_rows = chunk_rows
+        rng = np.random.default_rng(0x5EED)
+        self._mult = rng.integers(0, 2**64, size=(self.bands, self.band_rows),
+                                  dtype=np.uint64, endpoint=False) | np.uint64(1)
+        self._sig: np.ndarray | None = None     # kept rows' signatures (capacity-grown)
+        self._ids: list[str] = []               # kept rows' ids, by row number
+        self._keys = np.zeros(0, dtype=np.uint64)  # sorted band keys of the kept rows
+        self._rows = np.zeros(0, dtype=np.int32)   # the row number of each key
 
     def __len__(self) -> int:
-        return len(self._sigs)
+        return len(self._ids)
+
+    def _band_keys(self, sig: np.ndarray) -> np.ndarray:
+        """(rows, bands) 64-bit keys: a random odd-multiplier sum of each band's slots
+        (different multipliers per band) through the splitmix64 finalizer."""
+        s = sig[:, : self.bands * self.band_rows].astype(np.uint64)
+        s = s.reshape(len(sig), self.bands, self.band_rows)
+        with np.errstate(over="ignore"):
+            x = (s * self._mult[None]).sum(axis=2, dtype=np.uint64)
+            x ^= x >> np.uint64(30)
+            x *= np.uint64(0xBF58476D1CE4E5B9)
+            x ^= x >> np.uint64(27)
+            x *= np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+        return x
+
+    def _reserve(self, extra: int, dtype) -> None:
+        n = len(self._ids)
+        if self._sig is None:
+            self._sig = np.empty((max(extra, 1024), self.num_perm), dtype=dtype)
+        elif n + extra > len(self._sig):
+            # np.empty pages are only resident once written: the spare capacity costs
+            # address space, not memory.
+            grown = np.empty((max(2 * len(self._sig), n + extra), self.num_perm), dtype=dtype)
+            grown[:n] = self._sig[:n]
+            self._sig = grown
 
     def add(self, texts: list[str], ids: list[str]) -> list[str | None]:
-        from datasketch import LeanMinHash, MinHash
-
-        sigs = MinHash.bulk([char_shingles(t) for t in texts], num_perm=self.num_perm,
-                            seed=self.seed)
+        """For each row: the id it near-duplicates, or None (and it joins the index)."""
         out: list[str | None] = []
-        for sig, rid in zip(sigs, ids):
-            lean = LeanMinHash(sig)
+        for a in range(0, len(texts), self.chunk_rows):
+            out.extend(self._add_chunk(texts[a : a + self.chunk_rows], ids[a : a + self.chunk_rows]))
+        return out
+
+    def _add_chunk(self, texts: list[str], ids: list[str]) -> list[str | None]:
+        from datasketch import MinHash
+
+        if not texts:
+            return []
+        sig = np.stack([m.hashvalues for m in MinHash.bulk(
+            (char_shingles(t) for t in texts), num_perm=self.num_perm, seed=self.seed)])
+        self._reserve(len(sig), sig.dtype)
+        keys = self._band_keys(sig)
+        # Candidates among the rows kept before this chunk: every indexed row that shares a
+        # band key with the row, found for the whole chunk at once.
+        flat = keys.ravel()
+        lo = np.searchsorted(self._keys, flat, side="left")
+        cnt = np.searchsorted(self._keys, flat, side="right") - lo
+        first = np.repeat(lo - np.cumsum(cnt) + cnt, cnt)
+        old = self._rows[first + np.arange(int(cnt.sum()))]
+        bounds = np.concatenate([[0], np.cumsum(cnt.reshape(len(sig), self.bands).sum(axis=1))])
+        # Rows kept earlier in this chunk: a dict per chunk (band key -> row numbers).
+        local: dict[int, list[int]] = {}
+        out: list[str | None] = []
+        new_rows: list[int] = []
+        for i, (row_keys, rid) in enumerate(zip(keys.tolist(), ids)):
+            cands = old[bounds[i] : bounds[i + 1]]
+            near = [r for k in row_keys for r in local.get(k, ())]
             dup = None
-            # `query` returns a set: sorted, the id reported for a duplicate with several
-            # matches does not depend on the process's hash seed.
-            for cand in sorted(self._lsh.query(lean)):
-                if self._sigs[cand].jaccard(lean) >= self.threshold:
-                    dup = cand
-                    break
+            if len(cands) or near:
+                cand = np.unique(np.concatenate([cands, np.asarray(near, dtype=np.int32)]))
+                same = np.count_nonzero(self._sig[cand] == sig[i], axis=1)
+                hit = cand[same / np.float64(self.num_perm) >= self.threshold]
+                if len(hit):
+                    dup = min(self._ids[r] for r in hit.tolist())
             if dup is None:
-                self._lsh.insert(rid, lean)
-                self._sigs[rid] = lean
+                row = len(self._ids)
+                self._sig[row] = sig[i]
+                self._ids.append(rid)
+                for k in row_keys:
+                    local.setdefault(k, []).append(row)
+                new_rows.append(i)
             out.append(dup)
+        if new_rows:
+            start = len(self._ids) - len(new_rows)
+            nk = keys[new_rows].ravel()
+            nr = np.repeat(np.arange(start, len(self._ids), dtype=np.int32), self.bands)
+            order = np.argsort(nk, kind="stable")
+            nk, nr = nk[order], nr[order]
+            at = np.searchsorted(self._keys, nk, side="right")
+            self._keys = np.insert(self._keys, at, nk)
+            self._rows = np.insert(self._rows, at, nr)
         return out
 
 
@@ -207,10 +294,15 @@ class SemanticIndex:
         self.n_clusters = n_clusters
         self.seed = seed
         self._centroids: np.ndarray | None = None
-        self._members: dict[int, list[np.ndarray]] = {}
+        # The kept rows' embeddings are held once, as one matrix per cluster (what the
+        # search reads); a kept row's place in it is `_where_cluster` / `_where_offset`
+        # (by kept order), so the embeddings of any kept rows can be gathered on demand
+        # instead of keeping a second, kept-order copy (768 MB at 500k rows).
+        self._members: dict[int, np.ndarray] = {}
         self._member_ids: dict[int, list[str]] = {}
+        self._where_cluster = np.zeros(0, dtype=np.int32)
+        self._where_offset = np.zeros(0, dtype=np.int32)
         self.kept_ids: list[str] = []
-        self.kept_emb: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.kept_ids)
@@ -238,16 +330,16 @@ class SemanticIndex:
             self._fit(emb)
         cluster = np.argmax(emb @ self._centroids.T, axis=1)
         out: list[str | None] = [None] * len(ids)
+        joins: list[tuple[int, list[int]]] = []  # (cluster, batch rows it keeps)
         for c in np.unique(cluster):
             rows = np.flatnonzero(cluster == c)
             e = emb[rows]
-            old = self._members.get(int(c))
+            old_m = self._members.get(int(c))
             old_ids = self._member_ids.get(int(c), [])
             best_old = np.full(len(rows), -1.0, dtype=np.float32)
             arg_old = np.zeros(len(rows), dtype=int)
             best_new = np.full(len(rows), -1.0, dtype=np.float32)
             arg_new = np.zeros(len(rows), dtype=int)
-            old_m = np.vstack(old) if old else None
             # Row blocks bound the similarity matrices (a large cluster at 500k rows would
             # otherwise need gigabytes); each row is compared with the earlier rows only.
             for a in range(0, len(rows), _BLOCK):
@@ -261,7 +353,7 @@ class SemanticIndex:
                     later = (np.arange(a, b)[:, None] <= np.arange(b)[None, :])
                     sims[later] = -1.0
                     best_new[a:b], arg_new[a:b] = sims.max(axis=1), sims.argmax(axis=1)
-            keep_rows, keep_emb = [], []
+            keep_rows = []
             for j, r in enumerate(rows):
                 if best_old[j] >= self.threshold:
                     out[r] = old_ids[arg_old[j]]
@@ -270,20 +362,44 @@ class SemanticIndex:
                     # when that earlier row itself went (no chains of near-identical rows).
                     out[r] = ids[rows[arg_new[j]]]
                 else:
-                    keep_rows.append(r)
-                    keep_emb.append(e[j])
+                    keep_rows.append(int(r))
             if keep_rows:
-                self._members.setdefault(int(c), []).append(np.vstack(keep_emb))
-                self._member_ids.setdefault(int(c), []).extend(ids[r] for r in keep_rows)
-                # Keep one matrix per cluster, not one per round.
-                if len(self._members[int(c)]) > 1:
-                    self._members[int(c)] = [np.vstack(self._members[int(c)])]
+                joins.append((int(c), keep_rows))
         keep = np.array([d is None for d in out])
+        # Kept-order position of each kept batch row.
+        position = len(self.kept_ids) - 1 + np.cumsum(keep)
+        where_c = np.empty(int(keep.sum()), dtype=np.int32)
+        where_o = np.empty(int(keep.sum()), dtype=np.int32)
+        base = len(self.kept_ids)
+        for c, keep_rows in joins:
+            held = self._members.get(c)
+            start = 0 if held is None else len(held)
+            add = emb[keep_rows]
+            # One matrix per cluster, not one per round.
+            self._members[c] = add if held is None else np.vstack([held, add])
+            self._member_ids.setdefault(c, []).extend(ids[r] for r in keep_rows)
+            at = position[keep_rows] - base
+            where_c[at] = c
+            where_o[at] = np.arange(start, start + len(keep_rows))
+        self._where_cluster = np.concatenate([self._where_cluster, where_c])
+        self._where_offset = np.concatenate([self._where_offset, where_o])
         self.kept_ids.extend(i for i, k in zip(ids, keep) if k)
-        self.kept_emb.append(emb[keep])
         return out, emb
 
+    def embeddings_at(self, positions) -> np.ndarray:
+        """Embeddings of the kept rows at these kept-order positions (a new matrix)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        dim = self._centroids.shape[1] if self._centroids is not None else 384
+        out = np.empty((len(positions), dim), dtype=np.float32)
+        if not len(positions):
+            return out
+        cl, off = self._where_cluster[positions], self._where_offset[positions]
+        order = np.argsort(cl, kind="stable")
+        bounds = np.flatnonzero(np.diff(cl[order])) + 1
+        for grp in np.split(order, bounds):
+            out[grp] = self._members[int(cl[grp[0]])][off[grp]]
+        return out
+
     def embeddings_of_kept(self) -> tuple[list[str], np.ndarray]:
-        if not self.kept_emb:
-            return [], np.zeros((0, 384), dtype=np.float32)
-        return self.kept_ids, np.vstack(self.kept_emb)
+        """Ids and embeddings of every kept row, in kept order."""
+        return self.kept_ids, self.embeddings_at(np.arange(len(self.kept_ids)))

@@ -115,7 +115,6 @@ def run_recipe(
                                  settings.semantic_clusters, seed)
     known = set(taxonomy.labels)
     kept_parts: list[pd.DataFrame] = []
-    emb_parts: list[np.ndarray] = []
     rejects: list[dict] = []
     rounds: list[dict] = []
     have: dict[str, int] = {}
@@ -179,20 +178,19 @@ def run_recipe(
             mask = np.array([d is None for d in dup], dtype=bool)
             reject(kept[~mask], [f"near duplicate of id {d}" for d in dup if d is not None], "near")
             kept = kept[mask].reset_index(drop=True)
-            emb = None
             if semantic is not None:
-                dup, emb = semantic.add(kept["text"].tolist(), kept["id"].tolist())
+                # The index holds the kept rows' embeddings (gathered from it when needed);
+                # the round's own matrix is not kept.
+                dup = semantic.add(kept["text"].tolist(), kept["id"].tolist())[0]
                 mask = np.array([d is None for d in dup], dtype=bool)
                 reject(kept[~mask], [f"semantic duplicate of id {d} (cosine >= "
                                      f"{settings.semantic_threshold})" for d in dup if d is not None],
                        "semantic")
-                kept, emb = kept[mask].reset_index(drop=True), emb[mask]
+                kept = kept[mask].reset_index(drop=True)
             else:
                 counts["semantic"] = 0
             counts["kept"] = len(kept)
             kept_parts.append(kept)
-            if emb is not None:
-                emb_parts.append(emb)
             # 5. Survival by class and phrasing; few-shot picks.
             gen_by = gen.groupby("label").size()
             kept_by = kept.groupby("label").size()
@@ -200,8 +198,8 @@ def run_recipe(
                 survival[name] = float(kept_by.get(name, 0)) / float(n)
                 have[name] = have.get(name, 0) + int(kept_by.get(name, 0))
             pattern_weights = _pattern_survival(taxonomy, gen, kept)
-            fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True),
-                               np.vstack(emb_parts) if emb_parts else None, settings.fewshot_k, seed)
+            fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True), semantic,
+                               settings.fewshot_k, seed)
             counts["cumulative_kept"] = sum(have.values())
             counts["dedup_rate"] = 1 - len(kept) / max(len(gen), 1)
             counts["seconds"] = round(time.time() - t0, 1)
@@ -216,11 +214,12 @@ def run_recipe(
             weights, ask = next_class_weights(targets, have, survival)
             # This round's frames are summarised above; free them before the next round
             # generates (rejects and the kept parts hold what is needed).
-            del gen, cur_in, kept, bad, emb
+            del gen, cur_in, kept, bad
     corpus = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(
         columns=["id", "text", "label", "gold_label", "round"])
-    embeddings = np.vstack(emb_parts) if emb_parts else None
-    corpus, embeddings, surplus = _trim_to_targets(corpus, embeddings, targets)
+    corpus, keep_idx, surplus = _trim_to_targets(corpus, targets)
+    # The corpus is the semantic index's kept rows in the same order.
+    embeddings = semantic.embeddings_at(keep_idx) if semantic is not None else None
     for row in surplus.itertuples(index=False):
         rejects.append({"row": row.gid, "reason": f"surplus over class target ({row.label})",
                         "stage": "trim", "raw": {"text": row.text, "label": row.label,
@@ -254,21 +253,24 @@ def _pattern_survival(taxonomy: Taxonomy, gen: pd.DataFrame, kept: pd.DataFrame)
     return out
 
 
-def _fewshot(corpus: pd.DataFrame, emb: np.ndarray | None, k: int, seed: int) -> dict:
+def _fewshot(corpus: pd.DataFrame, semantic: SemanticIndex | None, k: int, seed: int) -> dict:
+    """Per class, the k kept headlines farthest from the class centroid (random without
+    embeddings). `corpus` is in the semantic index's kept order."""
     out = {}
     rng = np.random.default_rng(seed)
     for name, idx in corpus.groupby("label").indices.items():
-        if emb is not None:
-            pick = idx[farthest_from_centroid(emb[idx], k)]
+        if semantic is not None:
+            pick = idx[farthest_from_centroid(semantic.embeddings_at(idx), k)]
         else:
             pick = rng.choice(idx, size=min(k, len(idx)), replace=False)
         out[name] = corpus["text"].iloc[pick].tolist()
     return out
 
 
-def _trim_to_targets(corpus: pd.DataFrame, emb: np.ndarray | None, targets: dict[str, int]):
+def _trim_to_targets(corpus: pd.DataFrame, targets: dict[str, int]):
+    """(kept rows, their positions in `corpus`, surplus rows)."""
     if corpus.empty:
-        return corpus, emb, corpus
+        return corpus, np.zeros(0, dtype=np.int64), corpus
     order = corpus.sort_values(["label", "round", "id"], kind="stable")
     rank = order.groupby("label").cumcount()
     limit = order["label"].map(targets).fillna(0).astype(int)
@@ -276,7 +278,7 @@ def _trim_to_targets(corpus: pd.DataFrame, emb: np.ndarray | None, targets: dict
     drop_idx = order.index[rank >= limit]
     keep_idx = np.sort(keep_idx.to_numpy())
     kept = corpus.loc[keep_idx].reset_index(drop=True)
-    return kept, (emb[keep_idx] if emb is not None else None), corpus.loc[drop_idx]
+    return kept, keep_idx, corpus.loc[drop_idx]
 
 
 def _print_rounds(rounds: list[dict]) -> None:

@@ -351,6 +351,13 @@ def synthesize(
     designer.set_run_config(RunConfig(
         otel_metrics_port=None, buffer_size=min(buffer_size, max(spec.num_records, 1)),
         disable_early_shutdown=llm is not None,
+        # Offline, every column is CPU-bound Python under one interpreter lock, so row groups
+        # in flight together gain no time; one at a time holds one buffer of per-row dicts
+        # (~45 columns) instead of three, and the samplers draw from the shared NumPy
+        # generator in row-group order, so a round of more than `buffer_size` rows is the
+        # same for a seed (with several in flight, the draw order followed the scheduler).
+        # An LLM round keeps Data Designer's default so requests of several groups overlap.
+        **({} if llm is not None else {"max_concurrent_row_groups": 1}),
     ))
     # Data Designer's samplers draw from NumPy's global generator, in an order made
     # independent of the process's hash seed (see `_deterministic_sampler_order`).
