@@ -74,6 +74,9 @@ class DataConfig(Strict):
     semantic_dedup: bool = True
     semantic_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     semantic_clusters: Annotated[int, Field(gt=0)] = 100
+    # Near-duplicate and semantic dedup: `auto` runs NeMo-Curator's GPU workflows when a CUDA
+    # GPU and cuDF are present and the CPU indexes otherwise; `cpu` / `curator_gpu` force one.
+    dedup_backend: Literal["auto", "cpu", "curator_gpu"] = "auto"
     # `minilm`: all-MiniLM-L6-v2 (~210 headlines/s on 2 CPU cores); `minilm_static`: its
     # word-piece embeddings mean-pooled, for CPU runs at 500k scale (distillscale/data/dedup.py).
     embedding: Literal["minilm", "minilm_static"] = "minilm"

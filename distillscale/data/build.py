@@ -149,7 +149,8 @@ def build_dataset(
         rejects = result.rejects
         rows_in = result.rows_in
         emb_index = {rid: i for i, rid in enumerate(result.kept["id"])}
-        card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder}
+        card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder,
+                      "dedup_backend": result.dedup_backend}
         source = "designer"
     else:
         if data.generator == "templates":
@@ -189,6 +190,7 @@ def build_dataset(
     metrics["reject_reasons"] = dict(reasons.most_common())
     if card_extra:
         metrics["rounds"] = card_extra["rounds"]
+        metrics["dedup_backend"] = card_extra.get("dedup_backend")
         gen = sum(r["generated"] for r in card_extra["rounds"])
         metrics["cumulative_dedup_rate"] = 1 - sum(r["kept"] for r in card_extra["rounds"]) / max(
             gen, 1)
@@ -208,6 +210,7 @@ def build_dataset(
             "synthesis": f"Data Designer, {'LLM ' + data.llm.model if data.llm else 'offline'}",
             "max_rounds": data.max_rounds, "near_dup_threshold": data.near_dup_threshold,
             "semantic_threshold": data.semantic_threshold if data.semantic_dedup else "off",
+            "dedup_backend": card_extra["dedup_backend"],
         })
     metrics["card_figures"] = write_card(
         out, taxonomy, splits, metrics, reject_reasons=reasons, settings=settings,
@@ -241,7 +244,7 @@ def recipe_settings(data: DataConfig):
         near_threshold=data.near_dup_threshold, semantic=data.semantic_dedup,
         semantic_threshold=data.semantic_threshold, semantic_clusters=data.semantic_clusters,
         embedding=data.embedding, quantize_embeddings=data.quantize_embeddings,
-        fewshot_k=data.fewshot_k,
+        dedup_backend=data.dedup_backend, fewshot_k=data.fewshot_k,
         filters=FilterSettings(min_words=data.min_words, max_words=data.max_words,
                                max_non_alnum_ratio=data.max_non_alnum_ratio,
                                language=data.language),

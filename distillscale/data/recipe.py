@@ -35,6 +35,7 @@ from rich.table import Table
 from distillscale.data.curate import FilterSettings, ray_session, run_curation
 from distillscale.data.dedup import ExactIndex, NearDupIndex, SemanticIndex, make_embedder
 from distillscale.data.generate import class_counts
+from distillscale.data.gpu_dedup import CuratorNearDup, CuratorSemanticDedup, dedup_backend
 from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
 from distillscale.domain import Taxonomy
 
@@ -56,6 +57,8 @@ class RecipeSettings:
     semantic: bool = True
     semantic_threshold: float = 0.9
     semantic_clusters: int = 100
+    # auto | cpu | curator_gpu (distillscale/data/gpu_dedup.py)
+    dedup_backend: str = "auto"
     embedding: str = "minilm"
     quantize_embeddings: bool = False
     fewshot_k: int = 5
@@ -71,6 +74,7 @@ class RecipeResult:
     fewshot: dict[str, list[str]]           # last round's picks per class
     embeddings: np.ndarray | None           # aligned with `kept` (None without semantic)
     embedder: str | None
+    dedup_backend: str
     targets: dict[str, int]
     rows_in: int
 
@@ -106,13 +110,23 @@ def run_recipe(
     slot_values = taxonomy.slot_values(seed)
     targets = class_counts(taxonomy, settings.rows, settings.target_distribution,
                            settings.min_per_class)
-    exact, near = ExactIndex(), NearDupIndex(settings.near_threshold, seed=seed + 1)
+    backend = dedup_backend(settings.dedup_backend)
+    # Exact duplicates: the CPU hash index on both backends (see gpu_dedup.py).
+    exact = ExactIndex()
+    if backend == "curator_gpu":
+        near = CuratorNearDup(work_dir, settings.near_threshold, seed=seed + 1)
+    else:
+        near = NearDupIndex(settings.near_threshold, seed=seed + 1)
     semantic = None
     if settings.semantic:
         embedder = make_embedder(settings.embedding, settings.quantize_embeddings,
                                  show_progress=True)
-        semantic = SemanticIndex(embedder, settings.semantic_threshold,
-                                 settings.semantic_clusters, seed)
+        if backend == "curator_gpu":
+            semantic = CuratorSemanticDedup(embedder, work_dir, settings.semantic_threshold,
+                                            settings.semantic_clusters, seed)
+        else:
+            semantic = SemanticIndex(embedder, settings.semantic_threshold,
+                                     settings.semantic_clusters, seed)
     known = set(taxonomy.labels)
     kept_parts: list[pd.DataFrame] = []
     rejects: list[dict] = []
@@ -229,7 +243,7 @@ def run_recipe(
         kept=corpus[["id", "text", "label", "gold_label", "round"]].reset_index(drop=True),
         rejects=rejects, rounds=rounds, fewshot=fewshot, embeddings=embeddings,
         embedder=semantic.embedder.name if semantic is not None else None,
-        targets=targets, rows_in=rows_in,
+        dedup_backend=backend, targets=targets, rows_in=rows_in,
     )
 
 
