@@ -12,7 +12,8 @@ FROM ${NEMO_IMAGE}
 # is the newest it accepts (the HF <-> Megatron round trip also passed on 5.23 on CPU).
 ARG VLLM_VERSION=0.32.0
 ARG TRANSFORMERS_VERSION=5.19.0
-# NeMo-Curator's CPU text stages; its GPU dedup workflows need RAPIDS (cuDF) in addition.
+# NeMo-Curator's CPU text stages; its GPU dedup workflows need RAPIDS (cuDF) in addition:
+# `--build-arg CURATOR_EXTRA=text_cuda12` for `data.dedup_backend: auto | curator_gpu`.
 ARG CURATOR_EXTRA=text_cpu
 
 # hadolint ignore=DL3064  # TOKENIZERS_PARALLELISM is a switch, not a secret
