@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
+from distillscale.compat.console import stderr_console
 from distillscale.config import ExperimentConfig, StudentTarget
 from distillscale.data.build import build_dataset, read_jsonl
 from distillscale.domain import load_taxonomy
 from distillscale.launch.ranks import is_rank_zero, wait_for_stage
 from distillscale.manifest import atomic_stage, is_up_to_date, read_manifest
 
-console = Console(stderr=True)
+console = stderr_console()
 
 
 class Paths:

@@ -18,16 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from sklearn.model_selection import train_test_split
 
+from distillscale.compat.console import stderr_console
 from distillscale.config import DataConfig
 from distillscale.data.card import write_card
 from distillscale.data.generate import generate_headlines
 from distillscale.data.io import read_table_rows
 from distillscale.domain import Taxonomy
 
-console = Console(stderr=True)
+console = stderr_console()
 
 SPLITS = ("train", "val", "test")
 

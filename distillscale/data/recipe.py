@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 from rich.table import Table
 
+from distillscale.compat.console import stderr_console
 from distillscale.data.curate import FilterSettings, ray_session, run_curation
 from distillscale.data.dedup import ExactIndex, NearDupIndex, SemanticIndex, make_embedder
 from distillscale.data.generate import class_counts
@@ -39,7 +39,7 @@ from distillscale.data.gpu_dedup import CuratorNearDup, CuratorSemanticDedup, de
 from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
 from distillscale.domain import Taxonomy
 
-console = Console(stderr=True)
+console = stderr_console()
 
 STAGES = ("filters", "labels", "exact", "near", "semantic")
 

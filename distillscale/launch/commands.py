@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
             getattr(pipeline, f"run_{args.stage}")(cfg)
         return 0
     if cmd == "sweep":
-        from rich.console import Console
         from rich.table import Table
 
+        from distillscale.compat.console import stderr_console
         from distillscale.launch.sweep import plan_sweep
 
         plan = plan_sweep(args.sweep, args.overrides)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             table.add_column(col)
         for c in plan["cells"]:
             table.add_row(c["id"], c["upstream"], "done (skipped)" if c["done"] else "pending")
-        Console(stderr=True).print(table)
+        stderr_console().print(table)
         out = {
             "ROOT": plan["root"], "CELL_LIST": plan["cell_list"],
             "UPSTREAM_LIST": plan["upstream_list"], "FIT_CONFIG": plan["fit_config"],

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distillscale.compat.console import stderr_console
 from distillscale.domain import Taxonomy
 from distillscale.manifest import write_json_atomic
 from distillscale.teacher.adapters import FamilyAdapter
 from distillscale.teacher.parse import LabelParser
 
-console = Console(stderr=True)
+console = stderr_console()
 
 
 @dataclass

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
+from distillscale.compat.console import stderr_console
 from distillscale.config import ExperimentConfig
 from distillscale.domain import Taxonomy
 
-console = Console(stderr=True)
+console = stderr_console()
 PROBE_DIR = "knowledge_probe"
 CORPUS_FILE = "knowledge_corpus.txt"
 # How many times the label format is drawn per CoT format when training the scratch teacher.
