@@ -43,14 +43,31 @@ class DomainConfig(Strict):
 class LLMEndpointConfig(Strict):
     """An OpenAI-compatible chat endpoint for the Data Designer LLM column (e.g. vLLM)."""
 
-    endpoint: str  # e.g. http://localhost:8000/v1
-    model: str  # e.g. nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B
+    # A server's base URL (e.g. http://localhost:8000/v1), or `serve`: the data stage starts
+    # a local vLLM server for `model` for the build and stops it after (distillscale/data/serve.py).
+    endpoint: str
+    model: str  # e.g. nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B (a hub name or a local path)
     api_key_env: str | None = None  # name of the environment variable holding the key
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.9
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     max_tokens: Annotated[int, Field(gt=0)] = 64
     max_parallel_requests: Annotated[int, Field(gt=0)] = 16
     timeout_s: Annotated[int, Field(gt=0)] = 60
+    # --- endpoint: serve ---
+    # GPUs the served model spans (the paper's data build served its generator with TP=4).
+    serve_tensor_parallel: Annotated[int, Field(gt=0)] = 1
+    # The server command, `{model}` `{port}` `{tp}` filled in; default `vllm serve {model}
+    # --host 127.0.0.1 --port {port} --tensor-parallel-size {tp} --served-model-name {model}`.
+    serve_command: list[str] | None = None
+    serve_args: list[str] = []  # appended, e.g. ["--max-model-len", "4096"]
+    startup_timeout_s: Annotated[int, Field(gt=0)] = 1800
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> LLMEndpointConfig:
+        if self.endpoint != "serve" and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"data.llm.endpoint: {self.endpoint!r} is neither an http(s) URL "
+                             "nor `serve`")
+        return self
 
 
 class DataConfig(Strict):

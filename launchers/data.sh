@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Slurm: the data stage (Data Designer synthesis + NeMo-Curator curation) of an experiment, one
-# task on one node: CPU nodes by default, `--gpus-per-node 1` for Curator's cuDF dedup.
+# task on one node: CPU nodes by default; on a GPU cluster (launch.gpus_per_node > 0) the GPUs
+# of a served LLM generator (data.llm.serve_tensor_parallel), else one for Curator's dedup.
 #   bash launchers/data.sh --config conf/experiments/quickstart.yaml [--partition cpu] [key=value ...]
 #SBATCH --job-name=distillscale-data
 #SBATCH --nodes=1

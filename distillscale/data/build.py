@@ -11,8 +11,10 @@ Generators: `templates` (minimal, fast), `designer` (the data recipe, `recipe.py
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -100,6 +102,18 @@ def stratified_split(
     tiny = [i for i, r in enumerate(rows) if counts[r["label"]] < 3]
     idx = np.array(sorted(strat_ok, key=lambda i: rows[i]["id"]))
     y = [labels[i] for i in idx]
+    # scikit-learn's own message ("test_size = 9 should be greater or equal to the number of
+    # classes = 16") names neither the data set nor the setting to change.
+    k, n = len(set(y)), len(idx)
+    n_test = math.ceil(test_fraction * n)
+    n_val = math.ceil(val_fraction / (1 - test_fraction) * (n - n_test))
+    if k and min(n_test, n_val, n - n_test - n_val) < k:
+        raise ValueError(
+            f"{len(rows)} rows are too few for a stratified split over {k} classes: the test "
+            f"split (data.test_fraction={test_fraction}) would get {n_test} rows and the val "
+            f"split (data.val_fraction={val_fraction}) {n_val}, and each needs at least one row "
+            f"per class; make more rows (--rows / data.num_examples, data.min_per_class) or "
+            f"raise the fractions")
     rest, test = train_test_split(
         idx, test_size=test_fraction, stratify=y, random_state=seed
     )
@@ -140,8 +154,13 @@ def build_dataset(
     card_extra: dict = {}
     if data.generator == "designer":
         from distillscale.data.recipe import STAGES, run_recipe
+        from distillscale.data.serve import llm_endpoint
 
-        result = run_recipe(taxonomy, recipe_settings(data), out / "work", seed)
+        # `data.llm.endpoint: serve` starts the LLM server for the build and stops it after.
+        with contextlib.ExitStack() as stack:
+            endpoint = (stack.enter_context(llm_endpoint(data.llm, out / "work"))
+                        if data.llm is not None else None)
+            result = run_recipe(taxonomy, recipe_settings(data, endpoint), out / "work", seed)
         # Data Designer's per-round artifacts are intermediate: the splits and rejects hold
         # every row, so they do not ship with the data set.
         shutil.rmtree(out / "work", ignore_errors=True)
@@ -230,14 +249,19 @@ def _reason_kind(reason: str) -> str:
     return reason
 
 
-def recipe_settings(data: DataConfig):
+def recipe_settings(data: DataConfig, endpoint: str | None = None):
+    """The recipe's settings from `data`; `endpoint` replaces `data.llm.endpoint` (the URL of
+    a server started for the build)."""
+    from dataclasses import fields
+
     from distillscale.data.curate import FilterSettings
     from distillscale.data.recipe import RecipeSettings
     from distillscale.data.synth import LLMSettings
 
     llm = None
     if data.llm is not None:
-        llm = LLMSettings(**data.llm.model_dump())
+        given = data.llm.model_dump() | {"endpoint": endpoint or data.llm.endpoint}
+        llm = LLMSettings(**{f.name: given[f.name] for f in fields(LLMSettings)})
     return RecipeSettings(
         rows=data.num_examples, target_distribution=data.target_distribution,
         min_per_class=data.min_per_class, max_rounds=data.max_rounds,

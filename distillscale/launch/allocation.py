@@ -7,7 +7,8 @@ hang inside NCCL initialisation.
 Kinds of job (what the launcher runs decides how processes map onto GPUs):
 - `prune_distill`: Megatron training, one srun task per GPU, world = TP x PP x DP;
 - `teacher`, `eval`: one vLLM engine per node spanning `launch.vllm_tensor_parallel` GPUs;
-- `data`, `fit`: one task (CPU, or one GPU for Curator's cuDF dedup).
+- `data`, `fit`: one task (CPU; a data job on a GPU cluster gets the GPUs of its served LLM
+  generator, or one for Curator's cuDF dedup).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def plan_launch(
             gpus = lc.gpus_per_node
         elif kind in ("teacher", "eval"):
             gpus = lc.vllm_tensor_parallel if lc.gpus_per_node > 0 else 0
+        elif kind == "data" and lc.gpus_per_node > 0:
+            gpus = _data_gpus(cfg)
         else:
             gpus = 0
     if nodes < 1:
@@ -119,6 +122,11 @@ def plan_launch(
     else:  # data, fit: one process does it all
         if nodes != 1:
             raise ConfigError(f"launch plan: a {kind} job runs on one node (got {nodes})")
+        need = _data_gpus(cfg) if kind == "data" else 0
+        if 0 < gpus < need:
+            raise ConfigError(
+                f"data.llm.serve_tensor_parallel={need} needs {need} GPUs on the data job's "
+                f"node, the allocation has {gpus} ({where})")
         tasks_per_node, world, dp = 1, 1, 1
 
     repo = (repo or Path.cwd()).resolve()
@@ -133,6 +141,18 @@ def plan_launch(
         image=image or lc.container, mounts=",".join(mounts), time=time or lc.time,
         partition=partition or lc.partition or "", account=account or lc.account or "",
     )
+
+
+def _data_gpus(cfg: ExperimentConfig) -> int:
+    """GPUs a data job uses on a GPU cluster: the served generator's tensor-parallel size
+    (`data.llm.endpoint: serve`), else one for Curator's GPU dedup and the MiniLM encoder
+    (designer recipe, dedup backend not forced to CPU), else none."""
+    data = cfg.data
+    if data.llm is not None and data.llm.endpoint == "serve":
+        return data.llm.serve_tensor_parallel
+    if data.generator == "designer" and data.dedup_backend != "cpu":
+        return 1
+    return 0
 
 
 def check_world_size(cfg: ExperimentConfig, world_size: int) -> None:

@@ -45,6 +45,14 @@ def test_split_is_deterministic_and_stratified(taxonomy):
     assert len(ids) == len(set(ids)) == 500
 
 
+def test_too_few_rows_for_a_stratified_split_names_the_settings(taxonomy):
+    rows = [{"id": f"{i:05d}", "label": taxonomy.labels[i % 16], "text": str(i)} for i in range(60)]
+    with pytest.raises(ValueError, match=r"60 rows are too few .* 16 classes.*"
+                                         r"data\.test_fraction=0\.2\) would get 12 rows"):
+        stratified_split(rows, 0.1, 0.2, seed=1)
+    assert len(stratified_split(rows * 3, 0.1, 0.2, seed=1)["val"]) >= 16
+
+
 def test_import_accounts_for_every_row(tmp_path):
     src = tmp_path / "mine.jsonl"
     good = [{"headline": f"Acme {i} wins contract from Globex", "event": "new_contract"}

@@ -298,3 +298,18 @@ def test_sweep_local_runs_the_same_chain_in_order(tmp_path):
               for line in res.stdout.splitlines()]
     assert stages == ["data"] * 2 + ["teacher"] * 2 + ["prune_distill"] * 4 + ["eval"] * 4 + ["fit"]
     assert "sbatch" not in res.stdout + res.stderr
+
+
+def test_data_job_sizes_gpus_by_its_served_generator(fake_slurm):
+    served = ["data.generator=designer", "data.llm.endpoint=serve", "data.llm.model=/models/gen",
+              "data.llm.serve_tensor_parallel=4", "launch.gpus_per_node=8"]
+    launch("data.sh", "--config", QUICKSTART, *served, env=fake_slurm.env())
+    argv = fake_slurm.records("sbatch")[0]["argv"]
+    assert option(argv, "gpus-per-node") == "4" and option(argv, "ntasks-per-node") == "1"
+    # Without a served generator: one GPU for Curator's dedup, none when forced to CPU.
+    launch("data.sh", "--config", QUICKSTART, "data.generator=designer",
+           "launch.gpus_per_node=8", env=fake_slurm.env())
+    assert option(fake_slurm.records("sbatch")[1]["argv"], "gpus-per-node") == "1"
+    res = launch("data.sh", "--config", QUICKSTART, "--gpus-per-node", "2", *served,
+                 env=fake_slurm.env(), check=False)
+    assert res.returncode == 2 and "serve_tensor_parallel=4 needs 4 GPUs" in res.stderr
