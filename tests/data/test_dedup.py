@@ -173,7 +173,7 @@ def test_curator_pipeline_fixes_unicode_and_rejects_with_reasons(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_minilm_agrees_with_fp32():
+def test_int8_and_bf16_minilm_agree_with_fp32():
     """int8 dynamic quantization (the fast CPU setting) keeps embeddings close to fp32 ones:
     measured mean cosine 0.94, minimum 0.85 over 20k template headlines."""
     from distillscale.data.dedup import MiniLMEmbedder
@@ -183,8 +183,11 @@ def test_int8_minilm_agrees_with_fp32():
     rows = generate_headlines(load_taxonomy(Path(__file__).resolve().parents[2]
                                             / "conf/domains/finance.yaml"), 200, "natural", 3, 0)
     texts = [r["text"] for r in rows][:200]
-    fp32 = MiniLMEmbedder().encode(texts)
-    int8 = MiniLMEmbedder(quantize=True).encode(texts)
+    fp32 = MiniLMEmbedder(precision="fp32").encode(texts)
+    int8 = MiniLMEmbedder(precision="int8").encode(texts)
+    bf16 = MiniLMEmbedder(precision="bf16").encode(texts)
+    assert bf16.dtype == np.float32
+    assert np.sum(fp32 * bf16, axis=1).min() >= 0.999  # bf16 all but reproduces fp32
     cos = np.sum(fp32 * int8, axis=1)
     assert cos.mean() >= 0.92 and cos.min() >= 0.8, (cos.mean(), cos.min())
     # Neighbourhoods mostly survive. Template headlines have many near-tied neighbours, so
