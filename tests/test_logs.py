@@ -26,3 +26,23 @@ def test_known_noise_is_dropped_and_everything_else_kept(caplog):
                       "output stored.", UserWarning)
         warnings.warn("the student diverged", UserWarning)
     assert [str(w.message) for w in seen] == ["the student diverged"]
+
+
+def test_ray_token_note_is_dropped_but_its_auth_errors_are_kept():
+    quiet_known_noise()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    handler = Keep(level=logging.WARNING)
+    log.addHandler(handler)  # Ray's loggers may not propagate to the root logger
+    try:
+        log.warning("Token authentication is enabled for this Ray cluster. Set "
+                    "RAY_AUTH_MODE=disabled to opt out.")
+        log.warning("Token authentication is enabled but no authentication token was found")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["Token authentication is enabled but no authentication token was found"]

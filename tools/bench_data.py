@@ -100,10 +100,13 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from distillscale.compat.logs import quiet_known_noise
     from distillscale.config import DataConfig
     from distillscale.data.build import build_dataset
     from distillscale.data.generate import generate_headlines
     from distillscale.domain import load_taxonomy
+
+    quiet_known_noise()  # what `distillscale data build` does first
 
     taxonomy = load_taxonomy(args.domain)
     base_rows = min(args.rows, 50_000)

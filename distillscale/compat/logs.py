@@ -31,6 +31,10 @@ _LOG_RECORDS = (
     ("megatron.bridge.utils.import_utils", r"^Import of \S+ from \S+ failed with",
      ("Megatron-Bridge 0.6 logs a full traceback at INFO (on its own handler, at a level it "
      "sets itself) for every optional transformer-engine symbol it probes")),
+    ("ray._private.authentication.authentication_token_setup",
+     r"^Token authentication is enabled for this Ray cluster",
+     ("Ray 2.60 notes on every `ray.init` that it made a token for its ports; the data stage's "
+     "session is local to the node and ends with the build")),
     ("megatron.core.models.gpt.gpt_model", r"^GPTModel IS DEPRECATED",
      ("megatron-core 0.19 warns on every GPTModel built; ModelOpt's Minitron and "
      "Megatron-Bridge 0.6.2 build GPTModel")),
