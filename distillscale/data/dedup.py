@@ -96,6 +96,13 @@ class NearDupIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __getstate__(self) -> dict:
+        # A checkpoint holds the signatures of the kept rows, not the spare capacity.
+        state = dict(self.__dict__)
+        if self._sig is not None:
+            state["_sig"] = self._sig[: len(self._ids)]
+        return state
+
     def _band_keys(self, sig: np.ndarray) -> np.ndarray:
         """(rows, bands) 64-bit keys: a random odd-multiplier sum of each band's slots
         (different multipliers per band) through the splitmix64 finalizer."""
@@ -321,6 +328,12 @@ class SemanticIndex:
 
     def __len__(self) -> int:
         return len(self.kept_ids)
+
+    def __getstate__(self) -> dict:
+        # The embedding model is not part of a checkpoint: the caller gives it back on load.
+        state = dict(self.__dict__)
+        state["embedder"] = None
+        return state
 
     def _fit(self, emb: np.ndarray) -> None:
         from sklearn.cluster import MiniBatchKMeans

@@ -18,11 +18,22 @@ Each round, as in the paper's data build:
 and it stops once every class has reached its target (or after `max_rounds`). A class that
 overshoots is trimmed deterministically; trimmed rows are rejected with their reason, so
 `rows_in = rows_kept + rows_rejected` holds for the whole build.
+
+A finished round is checkpointed in `<work>/recipe_checkpoint/` (its kept rows and rejects,
+the dedup indexes, the reweighting state). A killed or preempted build (SIGUSR1 / SIGTERM:
+it stops after the current round and exits with the requeue code) resumes after the last
+finished round; every round draws from its own seed, so the resumed build is the one an
+uninterrupted run makes. A checkpoint of other settings is set aside, not resumed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import pickle
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +49,8 @@ from distillscale.data.generate import class_counts
 from distillscale.data.gpu_dedup import CuratorNearDup, CuratorSemanticDedup, dedup_backend
 from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
 from distillscale.domain import Taxonomy
+from distillscale.manifest import write_json_atomic
+from distillscale.train import preemption
 
 console = stderr_console()
 
@@ -138,13 +151,33 @@ def run_recipe(
     rows_in = 0
     weights, ask = next_class_weights(targets, have, survival)
     ask = math.ceil(ask * settings.oversample)
+    ckpt = RoundCheckpoint(work_dir / CHECKPOINT, _fingerprint(taxonomy, settings, seed))
+    first = 1
+    saved = ckpt.load()
+    if saved is not None:
+        state, kept_parts, round_rejects = saved
+        for part in round_rejects:
+            rejects.extend(part)
+        exact, near = state["exact"], state["near"]
+        if semantic is not None:
+            state["semantic"].embedder = semantic.embedder
+            semantic = state["semantic"]
+        rounds, have, survival = state["rounds"], state["have"], state["survival"]
+        pattern_weights, fewshot = state["pattern_weights"], state["fewshot"]
+        rows_in, weights, ask = state["rows_in"], state["weights"], state["ask"]
+        first = state["round"] + 1
+        console.print(f"data: resuming after round {state['round']} from {ckpt.path} "
+                      f"({sum(have.values()):,} rows kept so far)")
+    # SIGUSR1 / SIGTERM (Slurm's warning, a preemption): finish the round, checkpoint, exit 75.
+    preemption.install()
     # One Ray session for the whole build (its start costs seconds and its workers hold
     # memory); the context manager shuts it down and removes its temp folder on success
     # and on error alike.
     with ray_session(work_dir):
-        for r in range(1, settings.max_rounds + 1):
+        for r in range(first, settings.max_rounds + 1):
             if not weights:
                 break
+            rejects_before = len(rejects)
             t0 = time.time()
             spec = RoundSpec(max(ask, settings.min_round_rows), weights, pattern_weights, fewshot)
             gen = synthesize(taxonomy, slot_values, spec, work_dir, name=f"round_{r:03d}",
@@ -229,6 +262,12 @@ def run_recipe(
             # This round's frames are summarised above; free them before the next round
             # generates (rejects and the kept parts hold what is needed).
             del gen, cur_in, kept, bad
+            ckpt.save(r, kept_parts[-1], rejects[rejects_before:], {
+                "exact": exact, "near": near, "semantic": semantic, "rounds": rounds,
+                "have": have, "survival": survival, "pattern_weights": pattern_weights,
+                "fewshot": fewshot, "rows_in": rows_in, "weights": weights, "ask": ask,
+            })
+            preemption.check(f"data round {r} (checkpoint {ckpt.path})")
     corpus = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(
         columns=["id", "text", "label", "gold_label", "round"])
     corpus, keep_idx, surplus = _trim_to_targets(corpus, targets)
@@ -245,6 +284,78 @@ def run_recipe(
         embedder=semantic.embedder.name if semantic is not None else None,
         dedup_backend=backend, targets=targets, rows_in=rows_in,
     )
+
+
+CHECKPOINT = "recipe_checkpoint"
+
+
+def _fingerprint(taxonomy: Taxonomy, settings: RecipeSettings, seed: int) -> str:
+    """What a checkpoint must have been made with to be resumed."""
+    given = dataclasses.asdict(settings)
+    if given.get("llm"):
+        # A served model gets a new port when the build restarts: not a different build.
+        given["llm"].pop("endpoint", None)
+    text = json.dumps({"taxonomy": taxonomy.model_dump(mode="json"), "settings": given,
+                       "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RoundCheckpoint:
+    """The recipe's state after each finished round, in one folder.
+
+    Per round, its kept rows (`round_NNN.kept.parquet`) and rejects (`round_NNN.rejects.pkl`)
+    are written once; the state - dedup indexes (pickled: they are this library's objects,
+    the embedding model is left out and given back on load), reweighting, counts - is
+    rewritten each round. `state.json`, written last and atomically, names the last complete
+    round: a build killed while writing a round resumes from the round before it.
+    """
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def save(self, r: int, kept: pd.DataFrame, rejects: list[dict], state: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        kept.to_parquet(self.path / f"round_{r:03d}.kept.parquet", index=False)
+        with open(self.path / f"round_{r:03d}.rejects.pkl", "wb") as f:
+            pickle.dump(rejects, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp = self.path / f"state_{r:03d}.pkl"
+        with open(tmp, "wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        write_json_atomic(self.path / "state.json", {
+            "round": r, "fingerprint": self.fingerprint, "state": tmp.name})
+        for old in self.path.glob("state_*.pkl"):
+            if old != tmp:
+                old.unlink()
+
+    def load(self) -> tuple[dict, list[pd.DataFrame], list[list[dict]]] | None:
+        head = self.path / "state.json"
+        if not head.exists():
+            return None
+        meta = json.loads(head.read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            stale = self.path.with_name(self.path.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            self.path.rename(stale)
+            console.print(f"data: the checkpoint in {self.path} was made with other settings; "
+                          f"moved to {stale.name}, starting from round 1")
+            return None
+        with open(self.path / meta["state"], "rb") as f:
+            state = pickle.load(f)
+        r = int(meta["round"])
+        state["round"] = r
+        kept, rejects = [], []
+        for i in range(1, r + 1):
+            rows, rej = (self.path / f"round_{i:03d}.kept.parquet",
+                         self.path / f"round_{i:03d}.rejects.pkl")
+            for path in (rows, rej):
+                if not path.exists():
+                    raise FileNotFoundError(f"{path}: missing from the checkpoint of round {r}; "
+                                            f"remove {self.path} to build from round 1")
+            kept.append(pd.read_parquet(rows))
+            with open(rej, "rb") as f:
+                rejects.append(pickle.load(f))
+        return state, kept, rejects
 
 
 def row_id(text: str) -> str:

@@ -72,7 +72,16 @@ def designer_environment(home: Path) -> None:
     os.environ["DATA_DESIGNER_HOME"] = str(home)
     os.environ["NEMO_TELEMETRY_ENABLED"] = "false"
     # Keep Data Designer from looking for managed person data sets (not downloadable here).
-    os.environ.setdefault("DATA_DESIGNER_MANAGED_ASSETS_PATH", str(home / "managed-assets"))
+    # A user's own setting is kept; ours follows the build (a second build in the same
+    # process would otherwise write into the first one's finished folder).
+    global _assets_set_here
+    current = os.environ.get("DATA_DESIGNER_MANAGED_ASSETS_PATH")
+    if current is None or current == _assets_set_here:
+        _assets_set_here = str(home / "managed-assets")
+        os.environ["DATA_DESIGNER_MANAGED_ASSETS_PATH"] = _assets_set_here
+
+
+_assets_set_here: str | None = None
 
 
 class _RenderParams(BaseModel):
