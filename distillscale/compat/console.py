@@ -16,7 +16,6 @@ LOG_WIDTH = 160
 
 
 def stderr_console() -> Console:
-    width = None
-    if not sys.stderr.isatty():
-        width = int(os.environ.get("COLUMNS") or 0) or LOG_WIDTH
-    return Console(stderr=True, width=width)
+    # rich itself reads `COLUMNS` when no width is given.
+    wide = not sys.stderr.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=True, width=LOG_WIDTH if wide else None)

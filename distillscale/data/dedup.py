@@ -252,9 +252,9 @@ class StaticMiniLMEmbedder:
     The full model runs at 301 headlines/s on 2 CPU cores in fp32, 528/s in bf16 and 653/s
     in int8 (measured), i.e. 28, 16 and 13 minutes of embedding alone for 500k headlines,
     against the recipe's 15-minute budget for everything (sentence-transformers already
-    batches length-sorted texts under inference mode; the embedder uses every core). So this static variant, a few hundred times faster, which
-    still places paraphrases that share most word pieces together, is the explicit choice
-    for CPU runs at that scale (`data.embedding=minilm_static`, the 500k benchmark's
+    batches length-sorted texts under inference mode; the embedder uses every core). So this
+    static variant, a few hundred times faster, which still places paraphrases that share
+    most word pieces together, is the explicit choice for CPU runs at that scale (`data.embedding=minilm_static`, the 500k benchmark's
     setting); the full model stays the default.
     """
 

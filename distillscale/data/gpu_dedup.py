@@ -88,51 +88,68 @@ def minhashes_per_band(threshold: float, num_bands: int = FUZZY_BANDS) -> int:
     return max(1, round(math.log(1 / num_bands) / math.log(threshold)))
 
 
-def curator_dedup_workflows(
-    *, input_path: Path, output_path: Path, cache_path: Path, near_threshold: float,
-    semantic_threshold: float, semantic_clusters: int, seed: int, semantic: bool = True,
-    exact: bool = True,
-) -> dict:
-    """The three Curator workflows configured like the CPU recipe, over the Parquet files in
-    `input_path` (columns `id`, `text`, and `embeddings` with `order` for the semantic pass).
-    The semantic pass ranks each cluster by `order`, so a row is compared with the rows
-    before it in the corpus (the CPU index's rule)."""
+def exact_workflow(input_path: Path, output_path: Path):
     from nemo_curator.stages.deduplication.exact.workflow import ExactDeduplicationWorkflow
+
+    # The CPU exact index folds case and whitespace too.
+    return ExactDeduplicationWorkflow(
+        input_path=str(input_path), output_path=str(output_path),
+        input_filetype="parquet", text_field="text", assign_id=True, normalize_text=True,
+    )
+
+
+def fuzzy_workflow(input_path: Path, output_path: Path, cache_path: Path, *,
+                   near_threshold: float, seed: int):
     from nemo_curator.stages.deduplication.fuzzy.workflow import FuzzyDeduplicationWorkflow
+
+    # Character 5-grams as in the CPU MinHash (Curator's default of 24 suits documents,
+    # not 10-word headlines).
+    return FuzzyDeduplicationWorkflow(
+        input_path=str(input_path), output_path=str(output_path),
+        cache_path=str(cache_path), input_filetype="parquet", text_field="text",
+        seed=seed, char_ngrams=5, num_bands=FUZZY_BANDS,
+        minhashes_per_band=minhashes_per_band(near_threshold), normalize_text=True,
+    )
+
+
+def semantic_workflow(input_path: Path, output_path: Path, cache_path: Path, *,
+                      semantic_threshold: float, semantic_clusters: int, seed: int):
+    """Over Parquet with `id`, `order` and `embeddings`: each cluster is ranked by `order`, so
+    a row is compared with the rows before it in the corpus (the CPU index's rule)."""
+    from nemo_curator.stages.deduplication.semantic.ranking import RankingStrategy
     from nemo_curator.stages.deduplication.semantic.workflow import (
         SemanticDeduplicationWorkflow,
     )
 
-    output_path, cache_path = Path(output_path), Path(cache_path)
-    flows = {}
-    if exact:
-        # The CPU exact index folds case and whitespace too.
-        flows["exact"] = ExactDeduplicationWorkflow(
-            input_path=str(input_path), output_path=str(output_path / "exact"),
-            input_filetype="parquet", text_field="text", assign_id=True, normalize_text=True,
-        )
-    flows.update({
-        # Character 5-grams as in the CPU MinHash (Curator's default of 24 suits documents,
-        # not 10-word headlines).
-        "fuzzy": FuzzyDeduplicationWorkflow(
-            input_path=str(input_path), output_path=str(output_path / "fuzzy"),
-            cache_path=str(cache_path / "fuzzy"), input_filetype="parquet", text_field="text",
-            seed=seed, char_ngrams=5, num_bands=FUZZY_BANDS,
-            minhashes_per_band=minhashes_per_band(near_threshold), normalize_text=True,
-        ),
-    })
-    if semantic:
-        from nemo_curator.stages.deduplication.semantic.ranking import RankingStrategy
+    # Curator's `eps` is a cosine *distance*: duplicates are pairs within 1 - threshold.
+    return SemanticDeduplicationWorkflow(
+        input_path=str(input_path), output_path=str(output_path),
+        cache_path=str(cache_path), n_clusters=semantic_clusters,
+        id_field="id", embedding_field="embeddings", metadata_fields=["order"],
+        input_filetype="parquet", random_state=seed, distance_metric="cosine",
+        ranking_strategy=RankingStrategy(metadata_cols=["order"], ascending=True),
+        eps=1.0 - semantic_threshold,
+    )
 
-        # Curator's `eps` is a cosine *distance*: duplicates are pairs within 1 - threshold.
-        flows["semantic"] = SemanticDeduplicationWorkflow(
-            input_path=str(input_path), output_path=str(output_path / "semantic"),
-            cache_path=str(cache_path / "semantic"), n_clusters=semantic_clusters,
-            id_field="id", embedding_field="embeddings", metadata_fields=["order"],
-            input_filetype="parquet", random_state=seed, distance_metric="cosine",
-            ranking_strategy=RankingStrategy(metadata_cols=["order"], ascending=True),
-            eps=1.0 - semantic_threshold,
-        )
+
+def curator_dedup_workflows(
+    *, input_path: Path, output_path: Path, cache_path: Path, near_threshold: float,
+    semantic_threshold: float, semantic_clusters: int, seed: int, semantic: bool = True,
+) -> dict:
+    """The three Curator workflows configured like the CPU recipe, over the Parquet files in
+    `input_path` (columns `id`, `text`, and `embeddings` with `order` for the semantic pass),
+    each writing under its own subfolder of `output_path` / `cache_path`."""
+    output_path, cache_path = Path(output_path), Path(cache_path)
+    flows = {
+        "exact": exact_workflow(input_path, output_path / "exact"),
+        "fuzzy": fuzzy_workflow(input_path, output_path / "fuzzy", cache_path / "fuzzy",
+                                near_threshold=near_threshold, seed=seed),
+    }
+    if semantic:
+        flows["semantic"] = semantic_workflow(
+            input_path, output_path / "semantic", cache_path / "semantic",
+            semantic_threshold=semantic_threshold, semantic_clusters=semantic_clusters,
+            seed=seed)
     return flows
 
 
@@ -264,10 +281,8 @@ class CuratorNearDup:
         with _Pass(self.work_dir, "fuzzy", self.passes, self.keep_files).open() as p:
             pd.DataFrame({"text": self._texts + list(texts)}).to_parquet(
                 p.input / "part.0.parquet", index=False)
-            flow = curator_dedup_workflows(
-                input_path=p.input, output_path=p.output, cache_path=p.cache,
-                near_threshold=self.threshold, semantic_threshold=0.9, semantic_clusters=1,
-                seed=self.seed, semantic=False, exact=False)["fuzzy"]
+            flow = fuzzy_workflow(p.input, p.output, p.cache, near_threshold=self.threshold,
+                                  seed=self.seed)
             (self.runner or run_workflow)(flow, "fuzzy")
             first = curator_row_ids(Path(flow.output_path) / ID_GENERATOR_FILE, len(all_ids))
             comps = _read_parquet_dir(Path(flow.cache_path) / "ConnectedComponentsStage",
@@ -282,8 +297,8 @@ class CuratorNearDup:
 
 class CuratorSemanticDedup(SemanticIndex):
     """Global semantic dedup with Curator's `SemanticDeduplicationWorkflow` (GPU k-means and
-    pairwise cosine); the interface of `dedup.SemanticIndex`, whose storage of the kept
-    rows' embeddings it reuses (one matrix, in kept order)."""
+    pairwise cosine); the interface of `dedup.SemanticIndex`. Curator clusters each pass
+    itself, so the kept rows' embeddings are one matrix in kept order (`_members[0]`)."""
 
     def __init__(self, embedder, work_dir: Path, threshold: float = 0.9,
                  n_clusters: int = 100, seed: int = 0, runner: Runner | None = None,
@@ -297,8 +312,8 @@ class CuratorSemanticDedup(SemanticIndex):
         if not len(texts):
             return [], emb
         self.passes += 1
-        old = self.embeddings_at(np.arange(len(self.kept_ids)))
-        both = np.vstack([old, emb]) if len(old) else emb
+        held = self._members.get(0)
+        both = emb if held is None else np.vstack([held, emb])
         all_ids = self.kept_ids + list(ids)
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -308,26 +323,24 @@ class CuratorSemanticDedup(SemanticIndex):
                 "id": all_ids,
                 "order": np.arange(len(all_ids), dtype=np.int64),
                 "embeddings": pa.FixedSizeListArray.from_arrays(
-                    pa.array(both.astype(np.float32).ravel()), both.shape[1]),
+                    pa.array(both.astype(np.float32, copy=False).ravel()), both.shape[1]),
             }), p.input / "part.0.parquet")
-            flow = curator_dedup_workflows(
-                input_path=p.input, output_path=p.output, cache_path=p.cache,
-                near_threshold=0.8, semantic_threshold=self.threshold,
+            flow = semantic_workflow(
+                p.input, p.output, p.cache, semantic_threshold=self.threshold,
                 # k-means needs at least as many rows as clusters.
-                semantic_clusters=max(1, min(self.n_clusters, len(all_ids))), seed=self.seed,
-                exact=False)["semantic"]
+                semantic_clusters=max(1, min(self.n_clusters, len(all_ids))), seed=self.seed)
             (self.runner or run_workflow)(flow, "semantic")
             pairs = _read_parquet_dir(Path(flow.cache_path) / "pairwise_results",
                                       ["id", "max_id", "cosine_sim_score"])
         out = semantic_verdicts(pairs, list(ids), self.threshold)
         keep = np.array([d is None for d in out])
         add = emb[keep]
-        held = self._members.get(0)
-        start = 0 if held is None else len(held)
         self._members[0] = add if held is None else np.vstack([held, add])
-        self._where_cluster = np.concatenate(
-            [self._where_cluster, np.zeros(len(add), dtype=np.int32)])
-        self._where_offset = np.concatenate(
-            [self._where_offset, np.arange(start, start + len(add), dtype=np.int32)])
         self.kept_ids.extend(i for i, k in zip(ids, keep) if k)
         return out, emb
+
+    def embeddings_at(self, positions) -> np.ndarray:
+        held = self._members.get(0)
+        if held is None:
+            return super().embeddings_at(positions)
+        return held[np.asarray(positions, dtype=np.int64)]
