@@ -29,7 +29,7 @@ from distillscale.config import ExperimentConfig, StudentTarget
 from distillscale.data.build import build_dataset, read_jsonl
 from distillscale.domain import load_taxonomy
 from distillscale.launch.ranks import is_rank_zero, wait_for_stage
-from distillscale.manifest import atomic_stage, is_up_to_date, read_manifest
+from distillscale.manifest import atomic_stage, read_manifest, stale_reason
 
 console = stderr_console()
 
@@ -56,9 +56,12 @@ class Paths:
 
 
 def _skip(folder: Path, stage: str, h: str, inputs: dict) -> bool:
-    if is_up_to_date(folder, h, inputs):
+    why = stale_reason(folder, h, inputs)
+    if why is None:
         console.print(f"[dim]{stage}: up to date, skipped ({folder})[/dim]")
         return True
+    if (folder / "manifest.json").is_file():  # a finished stage that no longer holds
+        console.print(f"{stage}: re-running: {why}")
     return False
 
 

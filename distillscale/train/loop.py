@@ -4,10 +4,18 @@ Resumable: a checkpoint (weights, optimizer, step) is written atomically every
 `checkpoint_every` steps and picked up on restart; batches are a pure function of (seed, step),
 so a resumed run sees exactly the batches the killed one would have. A non-finite loss stops the
 run with the step number, keeping the last good checkpoint.
+
+A checkpoint carries the fingerprint of what made it (training settings, seed, data size, the
+parameters' names and shapes) and is resumed only by a run with the same fingerprint; another
+one is set aside (`<name>.stale`, removed once the new run finishes). Partial checkpoint files of
+a failed write are removed at once and at the next start; free space is checked before each
+checkpoint write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -19,7 +27,9 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distillscale.compat.console import stderr_console
 from distillscale.config import TrainConfig
+from distillscale.manifest import DiskSpaceError, check_free_space, remove_partials
 from distillscale.train import preemption
 
 
@@ -48,15 +58,67 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return rng.choice(n, size=min(batch_size, n), replace=False)
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
+def checkpoint_fingerprint(model: torch.nn.Module, cfg: TrainConfig, seed: int,
+                           num_examples: int, desc: str) -> str:
+    """What a checkpoint must have been made by to be resumed: the training settings, seed,
+    data size, and the model's parameter names, shapes and dtypes."""
+    payload = {
+        "train": cfg.model_dump(mode="json"), "seed": seed, "num_examples": num_examples,
+        "desc": desc,
+        "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checkpoint_bytes(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> int:
+    """Size of a checkpoint: the weights plus AdamW's two moments of each trained parameter."""
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values()
+                  if isinstance(v, torch.Tensor))
+    moments = sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+    return weights + moments
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, history: list,
+                     fingerprint: str | None = None, needed_bytes: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, needed_bytes, f"the checkpoint {path.name}")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "history": history},
-        tmp,
-    )
-    os.replace(tmp, path)
+    try:
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "history": history, "fingerprint": fingerprint},
+            tmp,
+        )
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a partial checkpoint behind
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DiskSpaceError):
+            # torch reports a failed write as "[enforce fail at inline_container.cc:...]
+            # unexpected pos ..."; say what was being written and how much room is left.
+            import shutil
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            free = shutil.disk_usage(path.parent).free
+            raise DiskSpaceError(
+                f"{path}: writing the checkpoint at step {step} failed ({first}); "
+                f"{free / 2**20:.1f} MiB free, it needs about {needed_bytes / 2**20:.1f} MiB"
+            ) from e
+        raise
+
+
+def _load_checkpoint(checkpoint: Path, fingerprint: str, desc: str) -> dict | None:
+    """The checkpoint's state if this run made it; otherwise it is set aside (one line)."""
+    if not checkpoint.is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") == fingerprint:
+        return state
+    stale = checkpoint.with_name(checkpoint.name + ".stale")
+    os.replace(checkpoint, stale)
+    stderr_console().print(
+        f"{desc}: the checkpoint {checkpoint} was made with other settings (step "
+        f"{state.get('step')}); moved to {stale.name}, starting from step 0")
+    return None
 
 
 def _sort_after_existing_events(folder: Path) -> None:
@@ -99,9 +161,17 @@ def train(
     """
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     preemption.install()
+    checkpoint = Path(checkpoint)
+    remove_partials(checkpoint.parent)  # a write cut short by a kill or a full disk
+    fingerprint = checkpoint_fingerprint(model, cfg, seed, num_examples, desc)
+    needed = _checkpoint_bytes(model, params)
+
+    def save(done: int) -> None:
+        _save_checkpoint(checkpoint, model, optimizer, done, history, fingerprint, needed)
+
     start, history = 0, []
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = _load_checkpoint(checkpoint, fingerprint, desc)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -161,13 +231,14 @@ def train(
                         if k != "step" and isinstance(v, float)
                     ))
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    _save_checkpoint(checkpoint, model, optimizer, done, history)
+                    save(done)
                 progress.update(task, completed=done)
                 if done < cfg.steps and preemption.requested():  # SIGUSR1/SIGTERM from Slurm
-                    _save_checkpoint(checkpoint, model, optimizer, done, history)
+                    save(done)
                     preemption.stop(desc, checkpoint, done)
     finally:
         if writer is not None:
             writer.close()
     model.eval()
+    checkpoint.with_name(checkpoint.name + ".stale").unlink(missing_ok=True)
     return TrainResult(steps=cfg.steps, resumed_from=start, history=history)
