@@ -22,10 +22,21 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _class_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (got {n}): chance is 1/N")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="distillscale", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true",
-                    help="also show the stack's known harmless warnings (distillscale/compat/logs.py)")
+                    help="show the traceback of an error, and the stack's known harmless "
+                         "warnings (distillscale/compat/logs.py)")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a whole experiment (every stage, resumable)")
     r.add_argument("config", type=Path)
@@ -41,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--results", type=Path,
                            help="a long results table (results.parquet / results_long.csv)")
             s.add_argument("--out", type=Path, help="output folder (with --results)")
-            s.add_argument("--num-classes", type=int, default=35,
+            s.add_argument("--num-classes", type=_class_count, default=35,
                            help="in-domain classes: the chance floor is 1/N (with --results)")
         if stage == "report":
             s.add_argument("--fits", type=Path, help="folder with fits.json (with --results)")
@@ -115,6 +126,11 @@ def _table_command(args) -> int:
 
     if args.results is None or args.out is None:
         raise ConfigError(f"command line: {args.command} needs CONFIG, or --results and --out")
+    fits_dir = getattr(args, "fits", None)
+    if fits_dir is not None and not (fits_dir / "fits.json").is_file():
+        what = "no such folder" if not fits_dir.exists() else "no fits.json in it"
+        raise ConfigError(f"command line: --fits {fits_dir}: {what} (run `distillscale fit` "
+                          "with --out there first)")
     fields: dict = {}
     for text in args.overrides or []:
         keys, value = parse_override(text)
@@ -145,6 +161,34 @@ def _table_command(args) -> int:
     return 0
 
 
+def _split_table_positional(args) -> None:
+    """`fit` / `report` take an optional CONFIG then settings: a first `key=value` is a
+    setting, not a config path (argparse would hand it to CONFIG)."""
+    if args.command not in ("fit", "report") or args.config is None:
+        return
+    text = str(args.config)
+    if "=" in text and not args.config.is_file():
+        args.overrides = [text, *(args.overrides or [])]
+        args.config = None
+    elif args.results is not None:
+        raise ConfigError(f"command line: {args.command}: give CONFIG or --results, not both "
+                          f"(got {text} and --results {args.results})")
+
+
+def _one_line(e: BaseException) -> str:
+    """An anticipated error as one line: the file, key or stage it concerns and what went wrong."""
+    import errno
+
+    if isinstance(e, OSError) and e.strerror:  # built from an errno: name the file
+        where = f"{e.filename}: " if e.filename else ""
+        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        return f"{where}{e.strerror}{hint}"
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = _parser().parse_args(argv)
@@ -152,37 +196,67 @@ def main(argv: list[str] | None = None) -> int:
         from distillscale.compat.logs import quiet_known_noise
 
         quiet_known_noise()
+    where = args.command + (f" {args.data_command}" if args.command == "data" else "")
     try:
-        if args.command == "data":
-            return _data_command(args)
-        if args.command == "launch":
-            from distillscale.launch.commands import run as launch_command
-
-            return launch_command(args)
-        if args.command in ("fit", "report") and (args.results or args.config is None):
-            return _table_command(args)
-        cfg = load_config(args.config, args.overrides)
-        from distillscale import pipeline
-
-        if args.command == "run":
-            pipeline.run_all(cfg)
-        elif args.command in ("prune", "distill"):
-            students = [s for s in cfg.students if args.student in (None, s.name)]
-            if not students:
-                raise ConfigError(f"{args.config}: students: no student named {args.student!r}")
-            fn = pipeline.run_prune if args.command == "prune" else pipeline.run_distill
-            for s in students:
-                fn(cfg, s)
-        else:
-            getattr(pipeline, f"run_{args.command}")(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _dispatch(args)
     except Preempted as e:  # checkpoint written; the launcher requeues on this code
         return e.code
+    except KeyboardInterrupt:
+        print(f"error: {where}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, MemoryError) as e:
+        if not _anticipated(e):
+            raise  # a defect in this package: its traceback is what a bug report needs
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        text = str(e) if isinstance(e, ConfigError) else " ".join(_one_line(e).split())
+        print(f"error: {where}: {text}", file=sys.stderr)
+        return 2
+
+
+def _anticipated(e: BaseException) -> bool:
+    """Failures a user can meet and act on (bad settings or files, a full disk, a diverging
+    run, a missing GPU stack), as opposed to a defect: every OSError / ValueError /
+    MemoryError, and a RuntimeError that this package raised with its own message or that
+    torch's checkpoint writer raised on a failed write."""
+    if not isinstance(e, RuntimeError):
+        return True
+    if isinstance(e, NotImplementedError) or "inline_container" in str(e):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = str(Path(__file__).resolve().parent)
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(
+        package)
+
+
+def _dispatch(args) -> int:
+    _split_table_positional(args)
+    if args.command == "data":
+        return _data_command(args)
+    if args.command == "launch":
+        from distillscale.launch.commands import run as launch_command
+
+        return launch_command(args)
+    if args.command in ("fit", "report") and (args.results or args.config is None):
+        return _table_command(args)
+    cfg = load_config(args.config, args.overrides)
+    from distillscale import pipeline
+
+    if args.command == "run":
+        pipeline.run_all(cfg)
+    elif args.command in ("prune", "distill"):
+        students = [s for s in cfg.students if args.student in (None, s.name)]
+        if not students:
+            raise ConfigError(f"{args.config}: students: no student named {args.student!r}")
+        fn = pipeline.run_prune if args.command == "prune" else pipeline.run_distill
+        for s in students:
+            fn(cfg, s)
+    else:
+        getattr(pipeline, f"run_{args.command}")(cfg)
     return 0
 
 

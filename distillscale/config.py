@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,8 +28,43 @@ class ConfigError(ValueError):
     """A configuration problem, already phrased as `<file>: <key>: <what is wrong>`."""
 
 
+def _accepts_number_not_bool(annotation: Any) -> bool:
+    """Whether a field's type takes an int or a float but not a bool (`steps: true` must not
+    mean 1, as pydantic's lax mode would have it)."""
+    leaves: set = set()
+
+    def walk(t: Any) -> None:
+        origin = typing.get_origin(t)
+        if origin is Annotated:
+            walk(typing.get_args(t)[0])
+        elif origin in (typing.Union, types.UnionType):
+            for a in typing.get_args(t):
+                walk(a)
+        else:
+            leaves.add(t)
+
+    walk(annotation)
+    return bool(leaves & {int, float}) and bool not in leaves
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(value, bool) and field and _accepts_number_not_bool(field.annotation):
+            raise ValueError(f"must be a number, not the boolean {str(value).lower()}")
+        return value
+
+
+def _folder_name(value: str) -> str:
+    """A name that becomes a folder (`runs/<name>`, `students/<name>`): dots alone would make
+    it the parent folder or the folder itself."""
+    if set(value) <= {"."}:
+        raise ValueError(f"{value!r} is not usable as a folder name")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +286,8 @@ class StudentShape(Strict):
 
 class StudentTarget(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+
+    _name_is_a_folder = field_validator("name")(_folder_name)
     # `width` prunes hidden / FFN / heads; `depth` drops whole layers (block influence).
     axis: Literal["width", "depth"]
     # Fraction of the teacher's parameters to keep (the paper's students: 0.79 0.58 0.37 0.16).
@@ -433,6 +472,15 @@ class ExperimentConfig(Strict):
     fit: FitConfig = FitConfig()
     launch: LaunchConfig = LaunchConfig()
 
+    _name_is_a_folder = field_validator("name")(_folder_name)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_a_folder(cls, value: str | None) -> str | None:
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{value} exists and is not a folder")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
         names = [s.name for s in self.students]
@@ -494,11 +542,36 @@ def _shape_error(arch: ModelArch, shape: StudentShape) -> str | None:
 CMDLINE = "command line"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (first on line "
+                    f"{first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """`yaml.safe_load`, with a duplicate key in a mapping an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -536,7 +609,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{CMDLINE}: override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
