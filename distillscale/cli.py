@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        text = str(e) if isinstance(e, ConfigError) else " ".join(_one_line(e).split())
-        print(f"error: {where}: {text}", file=sys.stderr)
+        if isinstance(e, ConfigError):  # already `<file or command line>: <key>: <what>`
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(f"error: {where}: {' '.join(_one_line(e).split())}", file=sys.stderr)
         return 2
 
 

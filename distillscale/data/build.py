@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -38,10 +39,100 @@ def row_id(text: str) -> str:
     return hashlib.sha1(text.strip().lower().encode()).hexdigest()[:12]
 
 
+# Longer than any headline: a bound keeps one pasted article (or a 10 MB line) out of the data
+# set and its card.
+MAX_TEXT_CHARS = 2000
+
+
+def _kind(value) -> str:
+    """What a non-string value is, in JSON's words, for a reject reason."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing (null)"
+    if isinstance(value, (bool, np.bool_)):
+        return f"a boolean ({str(bool(value)).lower()})"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"a number ({value})"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _absent(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def _label_problem(name: str, value, known: set, alias: dict) -> tuple[str | None, str | None]:
+    """(canonical label, None) or (None, reason)."""
+    if not isinstance(value, str):
+        return None, f"{name} is {_kind(value)}, not a string"
+    value = value.strip()
+    value = value if value in known else alias.get(value.lower(), value)
+    if value not in known:
+        return None, f"unknown {name} {value!r}"
+    return value, None
+
+
+def _user_id(value) -> tuple[str | None, str | None]:
+    """A given id as a string, or a reason it is not usable."""
+    if isinstance(value, str) and value.strip():
+        return value.strip(), None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value)), None
+    what = _kind(value) if not isinstance(value, str) else "empty"
+    return None, f"id is {what}, not a string or an integer"
+
+
+def _text_problem(text: str) -> str | None:
+    if not text:
+        return "empty text"
+    if "\ufffd" in text:
+        # The reader replaces undecodable bytes: the original text is lost.
+        return "invalid UTF-8 in text"
+    if len(text) > MAX_TEXT_CHARS:
+        return f"text longer than {MAX_TEXT_CHARS} characters ({len(text):,})"
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return "control characters in text"
+    return None
+
+
+def json_safe(value):
+    """`value` as strict JSON can hold it: NaN / inf become null, numpy scalars and arrays
+    become Python numbers and lists (a reject's raw row must stay readable JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (str, int)) or value is None:
+        return value
+    return str(value)
+
+
+def _reject_entry(i: int, raw: dict, reason: str, shown) -> dict:
+    """A rejects.jsonl record: input row, its line in the file when known, reason, raw value."""
+    entry = {"row": i, "reason": reason, "raw": json_safe(
+        {k: v for k, v in shown.items() if not str(k).startswith("_")}
+        if isinstance(shown, dict) else shown)}
+    if raw.get("_line") is not None:
+        entry["line"] = raw["_line"]
+    return entry
+
+
 def validate_rows(
     raw_rows: list[dict], taxonomy: Taxonomy, language: str | None = None
 ) -> tuple[list[dict], list[dict]]:
-    """Keep rows with a non-empty text and a known label; exact duplicates are rejected.
+    """Keep rows whose text is a non-empty string of at most `MAX_TEXT_CHARS` and whose label
+    (and `gold_label`, when given) is a known class; every other row is rejected with its
+    reason. A given `id` (a string or an integer) is kept, and a second row with the same id
+    is rejected; rows without one get the hash of their text. Exact duplicate texts are
+    rejected.
 
     With `language`, rows that cld2 identifies as another language are rejected too (the
     Curator filter of the recipe, applied row by row: an import is not worth a Ray start).
@@ -49,35 +140,55 @@ def validate_rows(
     language_ok = _language_check(language) if language else None
     known = set(taxonomy.labels)
     alias = {a.lower(): c.name for c in taxonomy.classes for a in c.aliases}
-    kept, rejects, seen = [], [], {}
+    kept, rejects = [], []
+    by_text: dict[str, str] = {}  # text hash -> id of the row kept with that text
+    by_id: dict[str, int] = {}  # id -> input row that holds it
     for i, raw in enumerate(raw_rows):
+        def reject(reason: str, shown=None, i=i, raw=raw) -> None:
+            rejects.append(_reject_entry(i, raw, reason, raw if shown is None else shown))
+
         if "_error" in raw:
-            rejects.append({"row": i, "reason": raw["_error"], "raw": raw.get("_raw")})
+            reject(raw["_error"], raw.get("_raw"))
             continue
-        text = str(raw.get("text") or "").strip()
-        label = str(raw.get("label") or "").strip()
-        label = label if label in known else alias.get(label.lower(), label)
-        if not text:
-            rejects.append({"row": i, "reason": "empty text", "raw": raw})
+        text = raw.get("text")
+        if not isinstance(text, str):
+            reject(f"text is {_kind(text)}, not a string")
             continue
-        if "\ufffd" in text:
-            # The CSV reader replaces undecodable bytes: the original text is lost.
-            rejects.append({"row": i, "reason": "invalid UTF-8 in text", "raw": raw})
+        text = text.strip()
+        problem = _text_problem(text)
+        if problem:
+            reject(problem)
             continue
-        if label not in known:
-            rejects.append({"row": i, "reason": f"unknown label {label!r}", "raw": raw})
+        label, problem = _label_problem("label", raw.get("label"), known, alias)
+        if problem:
+            reject(problem)
             continue
+        gold = raw.get("gold_label")
+        if _absent(gold):
+            gold = label
+        else:
+            gold, problem = _label_problem("gold_label", gold, known, alias)
+            if problem:
+                reject(problem)
+                continue
         if language_ok is not None and not language_ok(text):
-            rejects.append({"row": i, "reason": _language_reason(language), "raw": raw})
+            reject(_language_reason(language))
             continue
-        rid = row_id(text)
-        if rid in seen:
-            rejects.append({"row": i, "reason": f"duplicate of id {rid}", "raw": raw})
+        th = row_id(text)
+        if th in by_text:
+            reject(f"duplicate of id {by_text[th]}")
             continue
-        seen[rid] = i
-        kept.append(
-            {"id": rid, "text": text, "label": label, "gold_label": raw.get("gold_label", label)}
-        )
+        rid = th
+        if not _absent(raw.get("id")):
+            rid, problem = _user_id(raw.get("id"))
+            if problem:
+                reject(problem)
+                continue
+        if rid in by_id:
+            reject(f"id already used (id {rid}, first on row {by_id[rid]})")
+            continue
+        by_text[th], by_id[rid] = rid, i
+        kept.append({"id": rid, "text": text, "label": label, "gold_label": gold})
     return kept, rejects
 
 
@@ -130,9 +241,17 @@ def stratified_split(
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    """One strict-JSON object per line (no bare NaN), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            for r in rows:
+                f.write(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -184,17 +303,21 @@ def build_dataset(
             raw, taxonomy, language=data.language if data.generator == "file" else None
         )
         rows_in = len(raw)
+    # The rejects are written whatever happens next: they are what explains a failed import.
+    write_jsonl(out / "rejects.jsonl", rejects)
     if len(kept) + len(rejects) != rows_in:
         raise RuntimeError(
             f"row accounting broken: in={rows_in} kept={len(kept)} rejected={len(rejects)}"
         )
     if not kept:
-        raise ValueError(f"{source}: no valid rows (see rejects.jsonl)")
+        top = Counter(_reason_kind(r["reason"]) for r in rejects).most_common(3)
+        why = "; ".join(f"{k}: {n}" for k, n in top) or "the input has no rows"
+        raise ValueError(f"{source}: no valid rows of {rows_in} ({why}); every row with its "
+                         f"reason: {out / 'rejects.jsonl'}")
     console.print(f"data: in={rows_in:,} = kept {len(kept):,} + rejected {len(rejects):,}")
     splits = stratified_split(kept, data.val_fraction, data.test_fraction, seed)
     for name in SPLITS:
         write_jsonl(out / f"{name}.jsonl", splits[name])
-    write_jsonl(out / "rejects.jsonl", rejects)
     hist = Counter(r["label"] for r in kept)
     metrics = {
         "rows_in": rows_in,

@@ -65,12 +65,26 @@ def plot_dedup_rates(rounds: list[dict], stages: tuple[str, ...], path: Path) ->
     plt.close(fig)
 
 
+LENGTH_BINS = 40
+
+
+def length_bin_edges(words: list[int], bins: int = LENGTH_BINS) -> np.ndarray:
+    """Bin edges for word counts at quantiles of the data (whole words, at most `bins` bins):
+    one very long row widens the last bin instead of adding a bin per word up to its length."""
+    qs = np.quantile(np.asarray(words, dtype=float), np.linspace(0, 1, bins + 1))
+    edges = np.unique(np.concatenate([np.floor(qs[:-1]), [np.floor(qs[-1]) + 1]]))
+    return edges if len(edges) > 1 else np.array([edges[0], edges[0] + 1])
+
+
 def plot_lengths(splits: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
+    per_split = {s: [len(r["text"].split()) for r in splits[s]] for s in SPLITS}
+    every = [n for words in per_split.values() for n in words]
+    edges = length_bin_edges(every) if every else None
     for s in SPLITS:
-        words = [len(r["text"].split()) for r in splits[s]]
+        words = per_split[s]
         if words:
-            ax.hist(words, bins=range(max(words) + 2), alpha=0.5, density=True, label=s)
+            ax.hist(words, bins=edges, alpha=0.5, density=True, label=s)
     ax.set_xlabel("words per headline")
     ax.set_ylabel("density")
     ax.set_title("Headline length per split")
