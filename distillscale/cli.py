@@ -147,6 +147,21 @@ def _table_command(args) -> int:
         long = read_results(args.results)
     except ResultsTableError as e:
         raise ConfigError(str(e)) from None
+    from collections import Counter
+
+    from distillscale.fit.screen import screen_results
+
+    kept, set_aside = screen_results(long)
+    if set_aside:
+        why = Counter(r["reason"].split(":")[0].split(" = ")[0] for r in set_aside)
+        print(f"{args.results}: {len(set_aside)} row(s) or metric(s) set aside before fitting ("
+              + "; ".join(f"{k}: {n}" for k, n in why.most_common(3)) + ")", file=sys.stderr)
+    if kept.empty:
+        first = set_aside[0]["reason"] if set_aside else "the table is empty"
+        raise ConfigError(f"{args.results}: no rows left to fit after setting aside "
+                          f"{len(set_aside)} (first: {first})")
+    if args.command == "report":
+        long = kept
     if args.command == "fit":
         from distillscale.fit import fit_results
 
@@ -223,9 +238,11 @@ def _anticipated(e: BaseException) -> bool:
     run, a missing GPU stack), as opposed to a defect: every OSError / ValueError /
     MemoryError, and a RuntimeError that this package raised with its own message or that
     torch's checkpoint writer raised on a failed write."""
+    from distillscale.train.loop import NonFiniteLossError
+
     if not isinstance(e, RuntimeError):
         return True
-    if isinstance(e, NotImplementedError) or "inline_container" in str(e):
+    if isinstance(e, (NotImplementedError, NonFiniteLossError)) or "inline_container" in str(e):
         return True
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:

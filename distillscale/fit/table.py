@@ -32,6 +32,7 @@ from distillscale.fit.estimate import (
     single_threaded_blas,
 )
 from distillscale.fit.forms import FORMS
+from distillscale.fit.screen import screen_results
 from distillscale.manifest import write_json_atomic, write_text_atomic
 
 X_COLUMNS = ("compression_ratio", "dataset_size")
@@ -175,14 +176,13 @@ def fit_table(
     huber_delta: float = 1.345,
 ) -> tuple[list[GroupFit], list[dict]]:
     """Every (metric, x, group) curve with every form; also the rows left out, with reasons."""
-    long = normalize_results(long)
+    long, skipped = screen_results(normalize_results(long))
     forms = forms or list(FORMS)
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
         raise ValueError(f"unknown scaling form(s) {unknown}; known: {sorted(FORMS)}")
     metrics = metrics or sorted(long["metric"].unique())
     xs = [x for x in (xs or X_COLUMNS) if x in long.columns]
-    skipped: list[dict] = []
     jobs = []
     for metric in metrics:
         rows = long[long["metric"] == metric]
@@ -196,6 +196,11 @@ def fit_table(
                     skipped.append({"model": ",".join(map(str, g["model"].unique())),
                                     "metric": metric, "x": x, "group": group,
                                     "reason": f"{g[x].nunique()} distinct {x} value(s); need >= 3"})
+                    continue
+                if g["value"].nunique() < 2:  # a constant: any curve "fits" it exactly
+                    skipped.append({"model": ",".join(map(str, g["model"].unique())),
+                                    "metric": metric, "x": x, "group": group,
+                                    "reason": f"all {len(g)} values equal: nothing to fit"})
                     continue
                 jobs.append((metric, x, group, g))
     out: list[GroupFit] = []

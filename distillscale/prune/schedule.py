@@ -61,6 +61,25 @@ class Step:
     arch: ModelArch  # shape after this step
 
 
+_WARNED: set[tuple] = set()
+
+
+def _warn_unreachable(student: StudentTarget, achieved: float) -> None:
+    """One line (once per student and ratio) when the nearest valid shape is far from the
+    asked ratio: embeddings and whole layers bound how small a model can get."""
+    asked = student.compression_ratio
+    far = abs(achieved - asked) > 0.05 or not 0.8 <= achieved / asked <= 1.25
+    key = (student.name, student.axis, asked, round(achieved, 4))
+    if far and key not in _WARNED:
+        from distillscale.compat.console import stderr_console
+
+        _WARNED.add(key)
+        stderr_console().print(
+            f"warning: students.{student.name}: compression_ratio {asked} cannot be reached "
+            f"by {student.axis} pruning of this teacher; the nearest valid shape keeps "
+            f"{achieved:.3f} of its parameters")
+
+
 def plan_schedule(teacher: ModelArch, vocab_size: int, student: StudentTarget,
                   prune: PruneConfig) -> list[Step]:
     """Every prune step of `student` under `prune.schedule`, with shapes and achieved ratios.
@@ -82,6 +101,8 @@ def plan_schedule(teacher: ModelArch, vocab_size: int, student: StudentTarget,
                                        head_policy=prune.attention_heads)
         final_arch = pruned_arch(teacher, final_target)
     final_ratio = arch_params(final_arch, vocab_size) / t_params
+    if student.compression_ratio is not None:
+        _warn_unreachable(student, final_ratio)
     ratios = schedule_ratios(final_ratio, prune.schedule, prune.steps, prune.decay)
 
     steps: list[Step] = []
