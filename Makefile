@@ -20,12 +20,13 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export NEMO_TELEMETRY_ENABLED := false
 
-.PHONY: help install dev quickstart test test-fast lint lint-shell lock clean
+.PHONY: help install dev quickstart test test-fast test-reliability lint lint-shell lock clean
 
 help:
 	@echo "make quickstart   create .venv, install the pinned CPU stack, run conf/experiments/quickstart.yaml"
 	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
 	@echo "make test-fast    unit tests only"
+	@echo "make test-reliability  bad inputs and faults; ends with 'reliability: cases=N ... tracebacks=0 unaccounted_rows=0'"
 	@echo "make lint-shell   shellcheck the launchers (installs shellcheck from Debian if missing)"
 
 $(PY):
@@ -58,6 +59,10 @@ test: $(DEV_STAMP)
 
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The reliability slice (also part of `make test`).
+test-reliability: $(DEV_STAMP)
+	$(PY) -m pytest -q -m reliability tests
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check distillscale tests tools recipes

@@ -610,6 +610,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"{CMDLINE}: override {text!r} has an empty key")
     try:
         value = yaml_load(raw) if raw != "" else ""
+    except yaml.constructor.ConstructorError as e:  # a key given twice: not a plain string
+        raise ConfigError(f"{CMDLINE}: {key}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
