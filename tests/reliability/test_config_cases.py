@@ -31,8 +31,8 @@ CONFIG_CASES = [
     ("wrong-type", "", ["teacher.train.steps=abc"], "teacher.train.steps"),
     ("ratio-above-one", "", ["students.0.compression_ratio=1.5"], "compression_ratio"),
     ("ratio-zero", "", ["students.0.compression_ratio=0"], "compression_ratio"),
-    ("duplicate-students", "", ["students=[{name: a, axis: width, compression_ratio: 0.5}, "
-                                "{name: a, axis: depth, compression_ratio: 0.5}]"],
+    ("duplicate-students", "", [("students=[{name: a, axis: width, compression_ratio: 0.5}, "
+                                 "{name: a, axis: depth, compression_ratio: 0.5}]")],
      "duplicate student names"),
     ("yaml-syntax", "teacher: [\n", [], "not valid YAML"),
     ("override-no-equals", "", ["seed"], "must look like key.sub=value"),
