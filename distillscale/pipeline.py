@@ -631,6 +631,12 @@ def run_report(cfg: ExperimentConfig) -> Path:
                         extra=extra)
 
 
+# Bumped when the fitting procedure changes what a fit reports (2: bounded asymptotes, more
+# distinct x than parameters, estimates only inside the measured range, parametric bootstrap;
+# 3: curves split by pruning axis).
+FITS_VERSION = 3
+
+
 def run_fit(cfg: ExperimentConfig) -> Path:
     import pandas as pd
 
@@ -638,12 +644,19 @@ def run_fit(cfg: ExperimentConfig) -> Path:
 
     p = Paths(cfg)
     inputs = {"eval": p.eval}
-    h = cfg.section_hash("fit", "domain", "seed")
+    # FITS_VERSION: fits made by an older fitting procedure are redone, not trusted.
+    h = cfg.section_hash("fit", "domain", "seed") + f":v{FITS_VERSION}"
     if _skip(p.fit, "fit", h, inputs):
         return p.fit
     if not is_rank_zero():
         return wait_for_stage(p.fit, h, inputs)
     long = pd.read_parquet(p.eval / "results.parquet")
+    models = p.eval / "models.csv"
+    if "axis" not in long.columns and models.is_file():
+        # Results from before the axis column: take it from the per-model table, so curves of
+        # depth and width students are fitted apart.
+        axis = pd.read_csv(models)[["model", "axis"]]
+        long = long.merge(axis, on="model", how="left")
     num_classes = len(load_taxonomy(cfg.domain.taxonomy).classes)
     with atomic_stage(p.fit, "fit", h, inputs, collective=False) as out:
         fits = fit_results(long, out.path, cfg.fit, num_classes, cfg.seed,

@@ -49,7 +49,7 @@ CASES = [
 UPSTREAM = [
     f"domain.taxonomy={ROOT / 'conf/domains/finance.yaml'}",
     "data.num_examples=600",
-    "teacher.train.steps=150",
+    "teacher.train.steps=200",
     "teacher.supervision.splits=[train, val]",
     "teacher.supervision.cache.formats=[label, cot_short, cot_long, blended_cot]",
     "teacher.supervision.cache.k=16",
@@ -57,7 +57,7 @@ UPSTREAM = [
     "eval.general.mmlu_path=null",
     "eval.bootstrap_samples=20",
     "fit.bootstrap_samples=5",
-    "distill.train.steps=12",
+    "distill.train.steps=30",
     "distill.train.batch_size=16",
 ]
 

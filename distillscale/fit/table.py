@@ -258,7 +258,7 @@ def supported_estimate(est: dict | None, lo: float, hi: float) -> str | None:
         return "no estimate"
     v, cl, ch = est["value"], est.get("ci_low"), est.get("ci_high")
     if not (lo <= v <= hi):
-        return f"estimate {v:.3g} outside the measured range [{lo:.3g}, {hi:.3g}]"
+        return f"the fitted value lies outside the measured range [{lo:.3g}, {hi:.3g}]"
     if cl is None or ch is None or not (math.isfinite(cl) and math.isfinite(ch)):
         return "unbounded CI"
     tol = 1e-6 * max(abs(hi - lo), abs(v), 1e-12)
