@@ -97,3 +97,30 @@ def test_collect_gathers_finished_cells_once_per_teacher(tmp_path):
     assert (root / "results_long.csv").is_file()
     with pytest.raises(FileNotFoundError, match="no finished cell"):
         collect_results(tmp_path / "empty")
+
+
+def test_paper_grid_has_the_papers_chain_and_shares_upstreams_across_formats(tmp_path):
+    import yaml
+
+    from distillscale.prune.schedule import schedule_ratios
+
+    grid = yaml.safe_load((REPO / "conf/sweeps/paper_grid.yaml").read_text())
+    grid.update(output_dir=str(tmp_path / "out"), base=str(QUICKSTART))
+    path = tmp_path / "paper_grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    plan = plan_sweep(path)
+    assert len(grid["dataset_sizes"]) >= 3 and len(grid["seeds"]) >= 2
+    assert {"uniform", "decayed"} <= set(grid["schedules"])
+    assert set(grid["supervisions"]) == {"label", "cot_short", "cot_long", "blended_cot"}
+    assert set(grid["methods"]) == {"logit_kd", "lora_kd"}
+    # Every format and method of one size and seed shares one data/teacher/supervision setup.
+    assert len(plan["upstreams"]) == len(grid["dataset_sizes"]) * len(grid["seeds"])
+    assert len(plan["cells"]) == len(plan["upstreams"]) * 2 * 4 * 2
+    cell = load_config(plan["cells"][0]["config"])
+    assert cell.prune.steps == 4 and cell.students[0].compression_ratio == 0.16
+    assert schedule_ratios(0.16, "uniform", cell.prune.steps) == [0.79, 0.58, 0.37, 0.16]
+    seeds = {load_config(c["config"]).seed for c in plan["cells"]}
+    assert seeds == set(grid["seeds"])
+    for c in plan["cells"][:3]:
+        for stage in ("data", "teacher", "supervision"):
+            assert (Path(c["dir"]) / stage).is_symlink()
