@@ -124,6 +124,11 @@ def _encoder(cfg: ExperimentConfig, teacher_dir: Path, seq_length: int):
 def _accuracy_eval(model, encoder, rows):
     from distillscale.eval.indomain import predict_labels
 
+    if not getattr(encoder, "single_token", True):
+        # Multi-token class names cost a full forward per class on a model in training (no
+        # HF export to cache on yet): the in-training check reads the first 32 rows only; the
+        # eval stage scores every row.
+        rows = rows[:32]
     idx = {n: i for i, n in enumerate(encoder.labels)}
     y = np.array([idx[r["label"]] for r in rows])
 
@@ -216,14 +221,22 @@ def student_steps(cfg: ExperimentConfig, student: StudentTarget):
     teacher's shape from its checkpoint (no model is loaded)."""
     from distillscale.prune.schedule import plan_schedule
 
-    meta = Paths(cfg).teacher / "checkpoint" / "arch.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
-    m = json.loads(meta.read_text())
     from distillscale.config import ModelArch
 
-    return plan_schedule(ModelArch.model_validate(m["arch"]), int(m["vocab_size"]), student,
-                         cfg.prune)
+    meta = Paths(cfg).teacher / "checkpoint" / "arch.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        arch, vocab = ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    elif cfg.teacher.source == "hf":
+        # Before the teacher stage (e.g. a GPU teacher planned on a laptop): the shape is the
+        # checkpoint's config.json; no weights are read.
+        from distillscale.models.hf_io import arch_from_hf_config
+        from distillscale.teacher.stage import resolve_hf_path
+
+        arch, vocab = arch_from_hf_config(resolve_hf_path(cfg.teacher.hf_path))
+    else:
+        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
+    return plan_schedule(arch, vocab, student, cfg.prune)
 
 
 def student_folders(cfg: ExperimentConfig, student: StudentTarget) -> list[tuple[int, Path, Path]]:

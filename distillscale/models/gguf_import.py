@@ -57,6 +57,17 @@ def hf_from_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
+    # transformers 5.12 takes the tokenizer's eos from GGUF metadata that can disagree with the
+    # model's (SmolLM2: "<|im_start|>" where the model ends its turns with "<|im_end|>", id 2);
+    # the model config's eos is what generation and the answer format must stop at.
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tok.eos_token_id != eos:
+        record["tokenizer_eos_fixed"] = {"from": tok.eos_token,
+                                         "to": tok.convert_ids_to_tokens(eos)}
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    if tok.pad_token_id is None and getattr(model.config, "pad_token_id", None) is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
