@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from distillscale.fit.findings import findings, findings_markdown
 from distillscale.fit.table import (
     CONDITIONS,
     DEFAULT_NUM_CLASSES,
@@ -93,17 +94,18 @@ def figure_vs_dataset_size(long, metric, details, floor, path: Path) -> list[str
     if rows["dataset_size"].nunique() < 2:
         return None
     rows = rows.assign(size=rows["compression_ratio"].round(2))
-    keys = [*CONDITIONS, "size"]
+    axis = ["axis"] if "axis" in rows.columns else []
+    keys = [*CONDITIONS, *axis, "size"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     series = []
     colors = plt.cm.tab10.colors
     for i, (vals, sub) in enumerate(rows.groupby(keys, sort=True)):
         g = dict(zip(keys, vals))
         name = ("teacher" if g["method"] == "none" and g["size"] >= 0.999
-                else f"{_label(g, CONDITIONS)} @ {g['size']:.2f}")
+                else f"{_group_label(g)} @ {g['size']:.2f}")
         color = colors[i % len(colors)]
         _errorbar(ax, sub, "dataset_size", name, color)
-        group = {k: g[k] for k in CONDITIONS} | {"compression_ratio": g["size"]}
+        group = {k: g[k] for k in (*CONDITIONS, *axis)} | {"compression_ratio": g["size"]}
         det = _curve_for(details, metric, "dataset_size", group)
         if det:
             _band(ax, det, color)
@@ -131,15 +133,19 @@ def figure_vs_compression(long, metric, details, floor, path: Path,
     colors = plt.cm.tab10.colors
     for ax, sup in zip(axes[0], sups):
         sub_s = students[students["supervision"] == sup]
-        keys = ["method", "schedule", "dataset_size"]
+        # One curve per pruning axis too: depth and width students are different models.
+        axis = ["axis"] if "axis" in sub_s.columns else []
+        keys = ["method", "schedule", *axis, "dataset_size"]
         for i, (vals, sub) in enumerate(sub_s.groupby(keys, sort=True, dropna=False)):
             g = dict(zip(keys, vals))
-            name = f"{sup}: {g['method']} / {g['schedule']} / n={g['dataset_size']}"
+            name = (f"{sup}: {g['method'] if _recovered(g) else 'before recovery'} / "
+                    f"{g['schedule']}" + (f" / {g['axis']}" if axis else "")
+                    + f" / n={g['dataset_size']}")
             color = colors[i % len(colors)]
             anchor = teacher[teacher["dataset_size"] == g["dataset_size"]]
             _errorbar(ax, pd.concat([anchor, sub]), "compression_ratio", name, color)
             group = {"method": g["method"], "supervision": sup, "schedule": g["schedule"],
-                     "dataset_size": g["dataset_size"]}
+                     **{k: g[k] for k in axis}, "dataset_size": g["dataset_size"]}
             det = _curve_for(details, metric, "compression_ratio", group)
             if det:
                 _band(ax, det, color)
@@ -149,7 +155,8 @@ def figure_vs_compression(long, metric, details, floor, path: Path,
                     markersize=11, label="teacher")
         _finish(ax, metric, "compression ratio (student / teacher params)", floor, logx=False)
         ax.set_xlim(0, 1.05)
-        ax.set_title(f"{metric}: supervision = {sup}")
+        ax.set_title(f"{metric}: " + ("before recovery (pruned only)" if sup == "none"
+                                       else f"supervision = {sup}"))
     _save(fig, path)
     return series
 
@@ -164,11 +171,27 @@ def figure_schedules(long, metric, details, floor, path: Path) -> list[str] | No
 # ------------------------------------------------------------------------------ recommendations
 
 
+def _recovered(group: dict) -> bool:
+    """Pruned-only students (method `none`) are shown as "before recovery", never recommended."""
+    return group.get("method") not in (None, "none")
+
+
+def _group_label(g: dict) -> str:
+    if not _recovered(g):
+        return f"before recovery ({_label(g, ('schedule', 'axis'))})"
+    return _label(g, (*CONDITIONS, "axis"))
+
+
 def recommendations(details: list[dict], id_metric: str = "macro_f1",
                     gk_metrics: tuple[str, ...] = ("mmlu", "mmlu_pro")) -> list[str]:
-    """Plain-language advice from the selected fits' inverse predictions, with their CIs."""
-    lines = []
-    comp = [d for d in details if d["selected"] and d["x"] == "compression_ratio"]
+    """Plain-language advice from the selected fits' inverse predictions, with their CIs.
+
+    Only what the data support: an inverse prediction or a collapse point is stated only inside
+    the measured range with a finite CI that contains it (`fit.table.supported_estimate`);
+    otherwise the line says what is missing. Pruned-only students get no advice."""
+    lines: list[str] = []
+    comp = [d for d in details if d["selected"] and d["x"] == "compression_ratio"
+            and _recovered(d["group"])]
     by_group: dict[str, dict[str, dict]] = {}
     for d in comp:
         by_group.setdefault(json.dumps(d["group"], sort_keys=True), {})[d["metric"]] = d
@@ -178,6 +201,7 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
         idf = fits.get(id_metric)
         if not idf or not idf["inverse"]:
             continue
+        where = f"{_group_label(g)} (dataset size {g.get('dataset_size')})"
         for inv in idf["inverse"]:
             need = [inv]
             floors = []
@@ -185,47 +209,41 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
                 if gm in fits and fits[gm]["inverse"]:
                     need.append(fits[gm]["inverse"][0])
                     floors.append(f"{gm} ≥ {fits[gm]['inverse'][0]['target']}")
-            if any(n["value"] is None for n in need):
-                lines.append(f"- {_label(g, CONDITIONS)} (dataset size {g.get('dataset_size')}): "
-                             f"{id_metric} ≥ {inv['target']}"
-                             f"{' with ' + ', '.join(floors) if floors else ''} is not reached "
-                             "by the fitted curve at any compression ratio ≤ 1.")
+            cond = f"{id_metric} ≥ {inv['target']}" + (" and " + ", ".join(floors) if floors else "")
+            missing = [n["why_not"] for n in need if n.get("why_not")]
+            if missing:
+                lines.append(f"- {where}, {cond}: not enough signal ({missing[0]}).")
                 continue
-            ratio = max(n["value"] for n in need)
-            hi = [n["ci_high"] for n in need]
-            lo = [n["ci_low"] for n in need]
-            options.append((ratio, g, inv["target"], floors,
-                            max(v for v in lo if v is not None) if all(v is not None for v in lo) else None,
-                            max(hi) if all(v is not None for v in hi) else None))
-    for ratio, g, target, floors, lo, hi in sorted(options, key=lambda o: o[0]):
-        ci = (f"95% CI [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None
-              else "CI unbounded above: the data do not pin it down")
-        safe = f"; keeping {hi:.2f} of the teacher is the cautious choice" if hi else ""
-        lines.append(
-            f"- For {id_metric} ≥ {target}{' and ' + ', '.join(floors) if floors else ''}: "
-            f"{_label(g, CONDITIONS)} (dataset size {g.get('dataset_size')}) can compress to "
-            f"**{ratio:.2f}** of the teacher's parameters ({ci}){safe}.")
+            options.append((max(n["value"] for n in need), where, cond,
+                            max(n["ci_low"] for n in need), max(n["ci_high"] for n in need)))
+    for ratio, where, cond, lo, hi in sorted(options, key=lambda o: o[0]):
+        lines.append(f"- For {cond}: {where} can compress to **{ratio:.2f}** of the teacher's "
+                     f"parameters (95% CI [{lo:.2f}, {hi:.2f}]; keeping {hi:.2f} is the "
+                     "cautious choice).")
     data = [d for d in details if d["selected"] and d["x"] == "dataset_size"
-            and d["metric"] == id_metric]
+            and d["metric"] == id_metric and _recovered(d["group"])]
     for d in data:
+        where = f"{_group_label(d['group'])} at ratio {d['group'].get('compression_ratio')}"
         for inv in d["inverse"]:
-            if inv["value"] is None:
-                lines.append(f"- {_label(d['group'], CONDITIONS)} at ratio "
-                             f"{d['group'].get('compression_ratio')}: {id_metric} ≥ "
-                             f"{inv['target']} is beyond the fitted curve's asymptote.")
+            if inv.get("why_not"):
+                lines.append(f"- Data: {where}, {id_metric} ≥ {inv['target']}: not enough "
+                             f"signal ({inv['why_not']}).")
                 continue
-            hi = f"{inv['ci_high']:,.0f}" if inv["ci_high"] is not None else "unbounded"
-            lo = f"{inv['ci_low']:,.0f}" if inv["ci_low"] is not None else "?"
-            lines.append(f"- Data: {_label(d['group'], CONDITIONS)} at ratio "
-                         f"{d['group'].get('compression_ratio')} needs about "
-                         f"**{inv['value']:,.0f}** training examples for {id_metric} ≥ "
-                         f"{inv['target']} (95% CI {lo} – {hi}).")
+            lines.append(f"- Data: {where} needs about **{inv['value']:,.0f}** training examples "
+                         f"for {id_metric} ≥ {inv['target']} (95% CI {inv['ci_low']:,.0f} – "
+                         f"{inv['ci_high']:,.0f}).")
     for d in details:
         # Collapse points come from the broken power law of each general-knowledge curve.
         if not (d["form"] == "broken_power_law" and is_general(d["metric"])
-                and d["x"] == "compression_ratio" and d.get("collapse_point")):
+                and d["x"] == "compression_ratio" and d.get("collapse_point")
+                and _recovered(d["group"])):
             continue
         cp = d["collapse_point"]
+        where = f"{_group_label(d['group'])} (dataset size {d['group'].get('dataset_size')})"
+        if cp.get("why_not"):
+            lines.append(f"- {d['metric']} collapse point for {where}: not enough signal "
+                         f"({cp['why_not']}).")
+            continue
         idf = by_group.get(json.dumps(d["group"], sort_keys=True), {}).get(id_metric)
         at = ""
         if idf:
@@ -233,11 +251,11 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
             at = f"; the in-domain {id_metric} fit there is still {y:.3f}"
         lines.append(f"- {d['metric']} collapses below a compression ratio of "
                      f"**{cp['value']:.2f}** (95% CI [{_n(cp['ci_low'])}, {_n(cp['ci_high'])}]) "
-                     f"for {_label(d['group'], CONDITIONS)}{at}.")
+                     f"for {where}{at}.")
     if not lines:
-        lines.append("- No recommendation: the results have too few points per condition "
-                     "for a fit (at least three distinct dataset sizes or compression ratios "
-                     "are needed).")
+        lines.append("- No recommendation: not enough signal. No recovered student's curve has "
+                     "more distinct compression ratios or dataset sizes than its scaling form has "
+                     "parameters (a 3-parameter form needs 4); add ratios, sizes or seeds.")
     return lines
 
 
@@ -289,7 +307,8 @@ def _fits_table(fits: list[dict], details: list[dict]) -> list[str]:
         ps = "; ".join(f"{n}={p['value']:.3g} [{_n(p['ci_low'])}, {_n(p['ci_high'])}]"
                        for n, p in f["params"].items())
         cp = f.get("collapse_point")
-        cps = f"{cp['value']:.2f} [{_n(cp['ci_low'])}, {_n(cp['ci_high'])}]" if cp else ""
+        cps = ("" if not cp else f"not reported ({cp['why_not']})" if cp.get("why_not")
+               else f"{cp['value']:.2f} [{_n(cp['ci_low'])}, {_n(cp['ci_high'])}]")
         g = ", ".join(f"{k}={v}" for k, v in f["group"].items())
         lines.append(f"| {f['metric']} | {f['x']} | {g} | {f['form']} | {ps} | {f['aic']:.1f} | "
                      f"{f['rmse']:.4f} | {_n(f['extrapolation_error'])} | {cps} |")
@@ -352,6 +371,13 @@ def build_report(
                   *_fits_table(fits, details), ""]
     else:
         parts += ["No fits (run the fit stage, or too few points per condition).", ""]
+    found = findings(long, details, num_classes=num_classes)
+    write_json_atomic(out / "findings.json", found)
+    parts += ["## Findings of the paper, checked on these results", "",
+              ("Each verdict comes from the CI of its measured quantity: `supported` and `not "
+               "supported` only when the CI excludes the other answer, otherwise `not enough "
+               "signal`. The decision rules are in `distillscale/fit/findings.py`."), "",
+              *findings_markdown(found), ""]
     parts += ["## Recommendations", "",
               ("From the selected fits' inverse predictions; each number carries the 95% "
               "bootstrap CI of the fit, and a CI that is wide or unbounded means more runs "

@@ -53,17 +53,20 @@ class FitResult:
     wrss: float  # weighted residual sum of squares (residual / sigma)
     rmse: float  # unweighted, in metric units
     draws: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # bootstrap thetas
+    ceiling: float | None = None  # a bounded metric's upper bound: predictions never exceed it
 
     @property
     def k(self) -> int:
         return len(self.theta)
 
     def predict(self, x) -> np.ndarray:
-        return self.form.predict(np.asarray(x, float) / self.scale, self.theta, self.floor)
+        return _capped(self.form.predict(np.asarray(x, float) / self.scale, self.theta,
+                                         self.floor), self.ceiling)
 
     def predict_draws(self, x) -> np.ndarray:
         u = np.asarray(x, float) / self.scale
-        return np.array([self.form.predict(u, th, self.floor) for th in self.draws])
+        return np.array([_capped(self.form.predict(u, th, self.floor), self.ceiling)
+                         for th in self.draws])
 
     @property
     def aic(self) -> float:
@@ -97,7 +100,11 @@ class FitResult:
         return out
 
 
-def _objective(form: Form, u, y, sigma, floor, delta):
+def _capped(pred, ceiling: float | None):
+    return pred if ceiling is None else np.minimum(pred, ceiling)
+
+
+def _objective(form: Form, u, y, sigma, floor, delta, ceiling=None):
     """Huber loss and its forward-difference gradient from one vectorised evaluation.
 
     The forms unpack their parameters elementwise, so a (k, k+1, 1) stack of parameter vectors
@@ -111,7 +118,7 @@ def _objective(form: Form, u, y, sigma, floor, delta):
         stack = np.repeat(theta[:, None], k + 1, axis=1)
         stack[np.arange(k), np.arange(1, k + 1)] += h
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            pred = form.predict(u[None, :], stack[:, :, None], floor)
+            pred = _capped(form.predict(u[None, :], stack[:, :, None], floor), ceiling)
         losses = np.sum(huber(delta, (y[None, :] - pred) / sigma[None, :]), axis=1)
         return float(losses[0]), (losses[1:] - losses[0]) / h
 
@@ -133,25 +140,29 @@ def single_threaded_blas():
 def fit_form(
     form: Form, x, y, sigma=None, floor: float = 0.0, delta: float = 1.345,
     starts: list[np.ndarray] | None = None, scale: float | None = None,
+    ceiling: float | None = None,
 ) -> FitResult | None:
     """Best fit over a grid of L-BFGS-B starts (or the given `starts`); None if too few points.
 
-    `delta` is the Huber threshold in units of each point's standard error (1.345 keeps 95%
-    efficiency under Gaussian noise).
+    A form is fitted only to more distinct x values than it has parameters (with as many, any
+    curve passes through every point and its parameters say nothing). `delta` is the Huber
+    threshold in units of each point's standard error (1.345 keeps 95% efficiency under
+    Gaussian noise). `ceiling`: the metric's upper bound (1 for a fraction), which neither the
+    asymptote nor any prediction may exceed.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     sigma = np.full_like(y, 0.02) if sigma is None else np.asarray(sigma, float)
     n, k = len(x), len(form.params)
-    if n < k + 1 or len(np.unique(x)) < k:
+    if n < k + 1 or len(np.unique(x)) <= k:
         return None
     if np.any(x <= 0):
         raise ValueError(f"{form.name}: x must be positive (got min {x.min()})")
     scale = float(scale or x.max())
     u = x / scale
-    obj = _objective(form, u, y, sigma, floor, delta)
-    bounds = form.bounds(y, floor)
+    obj = _objective(form, u, y, sigma, floor, delta, ceiling)
+    bounds = form.bounds(y, floor, ceiling)
     if starts is None:
-        starts = [np.array(s, float) for s in itertools.product(*form.grid(y, floor))]
+        starts = [np.array(s, float) for s in itertools.product(*form.grid(y, floor, ceiling))]
     results = []
     with single_threaded_blas():
         for s in starts:
@@ -165,33 +176,42 @@ def fit_form(
     best = min(results, key=lambda r: r.fun)
     tol = CONVERGED_RTOL * max(abs(best.fun), 1e-8)
     converged = sum(abs(r.fun - best.fun) <= tol for r in results)
-    pred = form.predict(u, best.x, floor)
+    pred = _capped(form.predict(u, best.x, floor), ceiling)
     return FitResult(
         form=form, theta=best.x, scale=scale, floor=floor, loss=float(best.fun), n_points=n,
         n_inits=len(starts), n_converged=int(converged),
         wrss=float(np.sum(((y - pred) / sigma) ** 2)),
-        rmse=float(np.sqrt(np.mean((y - pred) ** 2))),
+        rmse=float(np.sqrt(np.mean((y - pred) ** 2))), ceiling=ceiling,
     )
 
 
 def bootstrap(
     fit: FitResult, x, y, sigma, units, n_boot: int, seed: int = 0, delta: float = 1.345,
+    parametric: bool = False,
 ) -> FitResult:
     """Refit on resampled units (runs/seeds when there are several, else points).
 
-    `units` labels each point's resampling unit. Each refit starts from the full-data optimum
-    (one L-BFGS run per draw, not the whole grid). Draws that cannot be fitted (too few
-    distinct x after resampling) are dropped.
+    `units` labels each point's resampling unit. `parametric`: instead, every point is redrawn
+    from its own evaluation noise (y + sigma * N(0, 1)) at the same x: with a handful of points
+    and no repeated seeds, resampling points leaves too few distinct x for most refits (a form
+    needs more distinct x than parameters), and the few that fit are the original data again,
+    which gives a zero-width CI. Each refit starts from the full-data optimum (one L-BFGS run
+    per draw, not the whole grid). Draws that cannot be fitted are dropped.
     """
     x, y, sigma, units = (np.asarray(a) for a in (x, y, sigma, units))
     ids = np.unique(units)
     rng = np.random.default_rng(seed)
     thetas = []
     for _ in range(n_boot):
-        pick = rng.choice(ids, size=len(ids), replace=True)
-        idx = np.concatenate([np.flatnonzero(units == i) for i in pick])
-        r = fit_form(fit.form, x[idx], y[idx], sigma[idx], fit.floor, delta,
-                     starts=[fit.theta], scale=fit.scale)
+        if parametric:
+            idx = np.arange(len(x))
+            y_draw = y.astype(float) + sigma.astype(float) * rng.standard_normal(len(x))
+        else:
+            pick = rng.choice(ids, size=len(ids), replace=True)
+            idx = np.concatenate([np.flatnonzero(units == i) for i in pick])
+            y_draw = y[idx]
+        r = fit_form(fit.form, x[idx], y_draw, sigma[idx], fit.floor, delta,
+                     starts=[fit.theta], scale=fit.scale, ceiling=fit.ceiling)
         if r is not None:
             thetas.append(r.theta)
     fit.draws = np.array(thetas) if thetas else np.empty((0, fit.k))
@@ -209,10 +229,11 @@ def band(fit: FitResult, xs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def inverse(form: Form, theta, scale: float, floor: float, target: float,
-            lo: float, hi: float) -> float | None:
+            lo: float, hi: float, ceiling: float | None = None) -> float | None:
     """Smallest x in [lo, hi] where the (increasing) curve reaches `target`, or None."""
     def g(x):
-        return float(form.predict(np.array([x / scale]), theta, floor)[0]) - target
+        return float(_capped(form.predict(np.array([x / scale]), theta, floor), ceiling)[0]) \
+            - target
 
     # Search in log x: the curves are increasing, so the sign change brackets the root.
     glo, ghi = g(lo), g(hi)
@@ -229,11 +250,12 @@ def inverse_with_ci(fit: FitResult, target: float, lo: float, hi: float) -> dict
     Draws that never reach the target within [lo, hi] count as "beyond hi": the CI's upper end
     is then None (unbounded) if more than 2.5% of draws do.
     """
-    value = inverse(fit.form, fit.theta, fit.scale, fit.floor, target, lo, hi)
+    value = inverse(fit.form, fit.theta, fit.scale, fit.floor, target, lo, hi, fit.ceiling)
     out = {"target": target, "value": value, "ci_low": None, "ci_high": None,
            "search_range": [lo, hi]}
     if len(fit.draws) >= 2:
-        xs = [inverse(fit.form, th, fit.scale, fit.floor, target, lo, hi) for th in fit.draws]
+        xs = [inverse(fit.form, th, fit.scale, fit.floor, target, lo, hi, fit.ceiling)
+              for th in fit.draws]
         reach = np.array([v for v in xs if v is not None])
         miss = len(xs) - len(reach)
         if len(reach):
@@ -246,13 +268,13 @@ def inverse_with_ci(fit: FitResult, target: float, lo: float, hi: float) -> dict
 
 
 def extrapolation_error(form: Form, x, y, sigma, floor: float, holdout: np.ndarray,
-                        delta: float = 1.345) -> float | None:
+                        delta: float = 1.345, ceiling: float | None = None) -> float | None:
     """RMSE on the held-out points of a fit on the rest (None if the rest is too small)."""
     x, y, sigma = (np.asarray(a, float) for a in (x, y, sigma))
     holdout = np.asarray(holdout, bool)
     if not holdout.any() or holdout.all():
         return None
-    r = fit_form(form, x[~holdout], y[~holdout], sigma[~holdout], floor, delta)
+    r = fit_form(form, x[~holdout], y[~holdout], sigma[~holdout], floor, delta, ceiling=ceiling)
     if r is None:
         return None
     err = y[holdout] - r.predict(x[holdout])

@@ -27,17 +27,21 @@ class Form:
     params: tuple[str, ...]
     # f(u, theta, floor) with u = x / x_scale, theta in internal (optimizer) parameters.
     predict: Callable[[np.ndarray, np.ndarray, float], np.ndarray]
-    # Initial values per internal parameter: the multi-start grid is their product.
-    grid: Callable[[np.ndarray, float], list[list[float]]]
-    bounds: Callable[[np.ndarray, float], list[tuple[float | None, float | None]]]
+    # Initial values per internal parameter: the multi-start grid is their product. Both take
+    # (y, floor, ceiling): a bounded metric's asymptote stays within [floor, ceiling].
+    grid: Callable[..., list[list[float]]]
+    bounds: Callable[..., list[tuple[float | None, float | None]]]
     # internal theta -> public {name: value} in the units of x
     to_public: Callable[[np.ndarray, float], dict[str, float]]
     # The public parameter whose value is a location on the x axis (for collapse points).
     break_param: str | None = None
 
 
-def _top(y: np.ndarray, floor: float) -> float:
-    # Ceiling of an asymptote: metrics here are fractions, but accept other tables' scales.
+def _top(y: np.ndarray, floor: float, ceiling: float | None = None) -> float:
+    # Ceiling of an asymptote: a bounded metric's bound (1 for a fraction); for other tables'
+    # scales, half again above the largest value seen.
+    if ceiling is not None:
+        return float(max(ceiling, floor + 1e-3))
     return float(max(1.0, np.nanmax(y) * 1.5, floor + 1e-3))
 
 
@@ -49,18 +53,18 @@ def _spl_predict(u, th, floor):
     return np.maximum(floor, y_inf - a * np.power(u, -alpha))
 
 
-def _spl_grid(y, floor):
+def _spl_grid(y, floor, ceiling=None):
     hi = float(np.nanmax(y))
     span = max(hi - floor, 1e-3)
     return [
-        [min(hi + d, _top(y, floor)) for d in (0.0, 0.3 * span)],
+        [min(hi + d, _top(y, floor, ceiling)) for d in (0.0, 0.3 * span)],
         [0.1 * span, span],
         [0.1, 0.5, 1.5],
     ]
 
 
-def _spl_bounds(y, floor):
-    return [(floor, _top(y, floor)), (0.0, None), (1e-3, 5.0)]
+def _spl_bounds(y, floor, ceiling=None):
+    return [(floor, _top(y, floor, ceiling)), (0.0, None), (1e-3, 5.0)]
 
 
 def _spl_public(th, scale):
@@ -84,17 +88,17 @@ def _log_predict(u, th, floor):
     return floor + (y_inf - floor) / (1.0 + np.exp(-z))
 
 
-def _log_grid(y, floor):
+def _log_grid(y, floor, ceiling=None):
     hi = float(np.nanmax(y))
     return [
-        [hi, min(hi + 0.1 * max(hi - floor, 1e-3), _top(y, floor))],
+        [hi, min(hi + 0.1 * max(hi - floor, 1e-3), _top(y, floor, ceiling))],
         [1.0, 6.0],
         [np.log(0.01), np.log(0.1), np.log(0.5)],
     ]
 
 
-def _log_bounds(y, floor):
-    return [(floor, _top(y, floor)), (1e-3, 100.0), (np.log(1e-6), np.log(10.0))]
+def _log_bounds(y, floor, ceiling=None):
+    return [(floor, _top(y, floor, ceiling)), (1e-3, 100.0), (np.log(1e-6), np.log(10.0))]
 
 
 def _log_public(th, scale):
@@ -120,7 +124,7 @@ def _bpl_predict(u, th, floor):
     return floor + np.exp(np.clip(log_excess, -50, 5))
 
 
-def _bpl_grid(y, floor):
+def _bpl_grid(y, floor, ceiling=None):
     hi = float(np.nanmax(y))
     e = max(hi - floor, 1e-3)
     return [
@@ -131,8 +135,8 @@ def _bpl_grid(y, floor):
     ]
 
 
-def _bpl_bounds(y, floor):
-    return [(np.log(1e-4), np.log(_top(y, floor))), (0.0, 2.0), (0.0, 20.0),
+def _bpl_bounds(y, floor, ceiling=None):
+    return [(np.log(1e-4), np.log(_top(y, floor, ceiling) - floor)), (0.0, 2.0), (0.0, 20.0),
             (np.log(1e-4), np.log(2.0))]
 
 

@@ -36,6 +36,9 @@ from distillscale.manifest import write_json_atomic, write_text_atomic
 
 X_COLUMNS = ("compression_ratio", "dataset_size")
 CONDITIONS = ("method", "supervision", "schedule")
+# Conditions that split curves only when the table has them: a curve never mixes pruning axes
+# (depth and width students of the same size are different models).
+OPTIONAL_CONDITIONS = ("axis",)
 IN_DOMAIN = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy")
 GENERAL = ("mmlu", "mmlu_pro")
 # Chance levels: 4-way MMLU, 10-way MMLU-Pro. In-domain: 1 / number of classes.
@@ -68,6 +71,15 @@ def chance_floor(metric: str, num_classes: int = DEFAULT_NUM_CLASSES,
     if metric in IN_DOMAIN or metric.startswith(("f1_", "macro_f1", "accuracy")):
         return 1.0 / num_classes
     return 0.0
+
+
+def metric_ceiling(metric: str) -> float | None:
+    """Upper bound of a bounded metric (every metric with a chance floor is a fraction in
+    [0, 1]); None for a metric of unknown scale."""
+    if (metric in IN_DOMAIN or is_general(metric)
+            or metric.startswith(("f1_", "macro_f1", "accuracy"))):
+        return 1.0
+    return None
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -136,7 +148,10 @@ def _groups(df: pd.DataFrame, x: str) -> list[tuple[dict, pd.DataFrame]]:
     if "compression_ratio" in other:
         # Students of "the same size" across runs differ in the last digits of their ratio.
         df["compression_ratio"] = df["compression_ratio"].round(2)
-    keys = list(CONDITIONS) + other
+    keys = list(CONDITIONS) + [c for c in OPTIONAL_CONDITIONS if c in df.columns] + other
+    for c in OPTIONAL_CONDITIONS:
+        if c in df.columns:
+            df[c] = df[c].fillna("none").astype(str)
     teacher = pd.Series(False, index=df.index)
     if x == "compression_ratio":
         teacher = (df["compression_ratio"] >= 0.999) & (df["method"] == "none")
@@ -203,24 +218,29 @@ def fit_table(
         task = progress.add_task("scaling fits", total=len(jobs) * len(forms))
         for metric, x, group, g in jobs:
             floor = chance_floor(metric, num_classes, floors)
+            ceiling = metric_ceiling(metric)
             xv, yv = g[x].to_numpy(float), g["value"].to_numpy(float)
             sig = sigma_from_ci(yv, g["ci_low"], g["ci_high"])
             seeds = g["seed"].astype(str).to_numpy()
-            units = seeds if len(set(seeds)) >= MIN_SEEDS_FOR_SEED_BOOTSTRAP else np.arange(len(g))
+            by_seed = len(set(seeds)) >= MIN_SEEDS_FOR_SEED_BOOTSTRAP
+            units = seeds if by_seed else np.arange(len(g))
             hold = _holdout(xv, x)
             gf = GroupFit(metric, x, group, g.assign(sigma=sig),
                           holdout_x=sorted(set(xv[hold].tolist())))
             for name in forms:
                 progress.advance(task)
-                r = fit_form(FORMS[name], xv, yv, sig, floor, huber_delta)
+                r = fit_form(FORMS[name], xv, yv, sig, floor, huber_delta, ceiling=ceiling)
                 if r is None:
                     skipped.append({"metric": metric, "x": x, "group": group, "form": name,
-                                    "reason": f"{len(xv)} points too few for {name}"})
+                                    "reason": f"{len(np.unique(xv))} distinct {x} value(s) too "
+                                              f"few for {name} ({len(FORMS[name].params)} "
+                                              "parameters need more distinct values)"})
                     continue
-                bootstrap(r, xv, yv, sig, units, bootstrap_samples, seed, huber_delta)
+                bootstrap(r, xv, yv, sig, units, bootstrap_samples, seed, huber_delta,
+                          parametric=not by_seed)
                 gf.fits[name] = r
                 gf.extrapolation[name] = extrapolation_error(
-                    FORMS[name], xv, yv, sig, floor, hold, huber_delta)
+                    FORMS[name], xv, yv, sig, floor, hold, huber_delta, ceiling)
             if gf.fits:
                 out.append(gf)
     return out, skipped
@@ -230,19 +250,51 @@ def selected_form(gf: GroupFit, criterion: str = "aic") -> str:
     return min(gf.fits, key=lambda f: getattr(gf.fits[f], criterion))
 
 
+def supported_estimate(est: dict | None, lo: float, hi: float) -> str | None:
+    """Why an estimate with a CI (`value`, `ci_low`, `ci_high`) cannot be reported, or None.
+
+    Reported only inside the measured range [lo, hi], with a finite CI that contains it."""
+    if est is None or est.get("value") is None:
+        return "no estimate"
+    v, cl, ch = est["value"], est.get("ci_low"), est.get("ci_high")
+    if not (lo <= v <= hi):
+        return f"estimate {v:.3g} outside the measured range [{lo:.3g}, {hi:.3g}]"
+    if cl is None or ch is None or not (math.isfinite(cl) and math.isfinite(ch)):
+        return "unbounded CI"
+    tol = 1e-6 * max(abs(hi - lo), abs(v), 1e-12)
+    if ch - cl <= tol:
+        # Every bootstrap refit landed on the same value: the data do not locate it (typically
+        # a break between two measured points, where the loss is flat), a point is not a CI.
+        return f"degenerate CI [{cl:.4g}, {ch:.4g}]: the bootstrap refits do not move it"
+    if not (cl - tol <= v <= ch + tol):
+        return f"CI [{cl:.3g}, {ch:.3g}] does not contain the estimate {v:.3g}"
+    return None
+
+
 def _collapse(gf: GroupFit) -> dict | None:
+    """The general-knowledge collapse point (break of the broken power law), with `why_not`
+    set when the data do not support reporting it (see `supported_estimate`)."""
     r = gf.fits.get("broken_power_law")
     if r is None:
         return None
     p = r.params_with_ci()["x_break"]
-    return {"value": p["value"], "ci_low": p["ci_low"], "ci_high": p["ci_high"]}
+    out = {"value": p["value"], "ci_low": p["ci_low"], "ci_high": p["ci_high"]}
+    lo, hi = measured_range(gf)
+    why = supported_estimate(out, lo, hi)
+    if why:
+        out["why_not"] = why
+    return out
+
+
+def measured_range(gf: GroupFit) -> tuple[float, float]:
+    x = gf.points[gf.x].to_numpy(float)
+    return float(x.min()), float(x.max())
 
 
 def inverse_range(gf: GroupFit) -> tuple[float, float]:
-    x = gf.points[gf.x].to_numpy(float)
-    if gf.x == "compression_ratio":
-        return 1e-3, 1.0
-    return float(x.min()) / 10, float(x.max()) * 100
+    """Where inverse predictions are searched: the measured x range only (never beyond the
+    smallest student or the largest dataset measured)."""
+    return measured_range(gf)
 
 
 def fits_records(groups: list[GroupFit]) -> list[dict]:
@@ -260,6 +312,21 @@ def fits_records(groups: list[GroupFit]) -> list[dict]:
                 rec["collapse_point"] = collapse
             out.append(rec)
     return out
+
+
+def _checked_inverse(r: FitResult, target: float, lo: float, hi: float, x: str) -> dict:
+    """`inverse_with_ci` over the measured range, with `why_not` when it cannot be reported."""
+    inv = inverse_with_ci(r, target, lo, hi)
+    if inv["value"] is None:
+        inv["why_not"] = f"not reached within the measured {x} range [{lo:.3g}, {hi:.3g}]"
+    elif inv["value"] <= lo:
+        inv["why_not"] = (f"already reached at the smallest measured {x} ({lo:.3g}); "
+                          "smaller values were not measured")
+    else:
+        why = supported_estimate(inv, lo, hi)
+        if why:
+            inv["why_not"] = why
+    return inv
 
 
 def detail_records(groups: list[GroupFit], targets: dict[str, list[float]]) -> list[dict]:
@@ -289,7 +356,8 @@ def detail_records(groups: list[GroupFit], targets: dict[str, list[float]]) -> l
                     "ci_high": gf.points["ci_high"].astype(float).fillna(-1).tolist(),
                     "model": gf.points["model"].astype(str).tolist(),
                 },
-                "inverse": [inverse_with_ci(r, t, lo, hi) for t in targets.get(gf.metric, [])],
+                "inverse": [_checked_inverse(r, t, lo, hi, gf.x)
+                            for t in targets.get(gf.metric, [])],
             })
     return out
 
@@ -307,7 +375,7 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
     lines = [f"# Scaling fits of `{source}`", "",
              ("Huber loss on residuals scaled by each point's eval CI, L-BFGS-B from a grid of "
              "starts (`conv` = starts that reached the best loss), percentile bootstrap 95% CIs "
-             "(resampling seeds when there are 5 or more, else points). `extrap` is the RMSE on "
+             "(resampling seeds when there are 5 or more, else redrawing each point from its eval CI). `extrap` is the RMSE on "
              "the held-out largest datasets / strongest compressions of a fit on the rest. "
              "★ = lowest AIC in its group."), ""]
     by_curve: dict[tuple, list[tuple[dict, dict]]] = {}
@@ -328,15 +396,18 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
                          f"{det['n_converged_to_best']}/{det['n_inits']} |")
         lines.append("")
         cp = items[0][0].get("collapse_point")
-        if cp:
+        if cp and cp.get("why_not"):
+            lines += [f"Collapse point ({x} at the break of the broken power law): not "
+                      f"reported ({cp['why_not']}).", ""]
+        elif cp:
             lines += [(f"Collapse point ({x} at the break of the broken power law): "
                       f"**{_fmt(cp['value'])}** [{_fmt(cp['ci_low'])}, {_fmt(cp['ci_high'])}]"), ""]
         for rec, det in items:
             if det["selected"] and det["inverse"]:
                 for inv in det["inverse"]:
-                    if inv["value"] is None:
-                        lines.append(f"- {rec['form']}: {metric} ≥ {inv['target']} is not "
-                                     f"reached for {x} in {inv['search_range']}")
+                    if inv.get("why_not"):
+                        lines.append(f"- {rec['form']}: {metric} ≥ {inv['target']}: not "
+                                     f"reported ({inv['why_not']})")
                         continue
                     lines.append(f"- {rec['form']}: {metric} ≥ {inv['target']} needs {x} ≥ "
                                  f"{_fmt(inv['value'])} [{_fmt(inv['ci_low'])}, "
