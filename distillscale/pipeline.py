@@ -219,9 +219,8 @@ def run_teacher(cfg: ExperimentConfig) -> Path:
 def student_steps(cfg: ExperimentConfig, student: StudentTarget):
     """The schedule's prune steps for `student` (distillscale/prune/schedule.py), planned on the
     teacher's shape from its checkpoint (no model is loaded)."""
-    from distillscale.prune.schedule import plan_schedule
-
     from distillscale.config import ModelArch
+    from distillscale.prune.schedule import plan_schedule
 
     meta = Paths(cfg).teacher / "checkpoint" / "arch.json"
     if meta.is_file():

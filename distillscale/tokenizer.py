@@ -115,8 +115,8 @@ class PromptEncoder:
             ids = tokenizer.encode(name, add_special_tokens=False)
             if len(ids) != 1:
                 raise ValueError(
-                    f"class {name!r} is {len(ids)} tokens in this tokenizer; label-constrained "
-                    "scoring of multi-token labels needs the evaluation issue's scorer"
+                    f"class {name!r} is {len(ids)} tokens in this tokenizer; the tiny family's "
+                    "format needs one token per class (multi-token names: ChatPromptEncoder)"
                 )
             self.label_token_ids.append(ids[0])
         # Tokenizers built before thinking depths existed have no thinking tokens: they can

@@ -17,7 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from tiny_hf import FAMILIES, build_checkpoint, build_tokenizer, domain_texts  # noqa: E402
+from tiny_hf import FAMILIES, build_checkpoint, build_tokenizer, domain_texts
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}

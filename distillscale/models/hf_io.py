@@ -399,7 +399,7 @@ def load_hf(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not an HF checkpoint directory (no config.json)")
-    arch, vocab_size = arch_from_hf_config(path)
+    arch, _ = arch_from_hf_config(path)
     bridge = auto_bridge.from_hf_pretrained(str(path))
     provider = bridge.to_megatron_provider(load_weights=True)
 

@@ -214,10 +214,11 @@ def resolve_hf_path(hf_path: str) -> Path:
     if p.is_absolute() or hf_path.startswith(".") or hf_path.count("/") != 1:
         raise FileNotFoundError(f"teacher.hf_path={hf_path}: no such folder")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return Path(snapshot_download(hf_path))
-    except Exception as e:  # offline, unknown repo, gated: one line either way
+    except (OSError, ValueError, HfHubHTTPError) as e:  # offline, unknown or gated repo
         raise FileNotFoundError(f"teacher.hf_path={hf_path}: not a folder, and the hub "
                                 f"download failed ({type(e).__name__}: {e})") from None
 
@@ -243,10 +244,10 @@ def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
 
     from transformers import AutoTokenizer
 
+    from distillscale.distill.export import check_hf_export
     from distillscale.eval.indomain import predict_labels
     from distillscale.knowledge.general import write_mmlu_probe
     from distillscale.models.checkpoint import save_model
-    from distillscale.distill.export import check_hf_export
     from distillscale.models.hf_io import hf_family, load_hf
     from distillscale.models.megatron_gpt import count_params
     from distillscale.teacher.adapters import load_adapter

@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from tiny_hf import build_checkpoint, build_tokenizer, domain_texts  # noqa: E402
+from tiny_hf import build_checkpoint, build_tokenizer, domain_texts
 
 TAXONOMY = ROOT / "conf/domains/finance.yaml"
 
