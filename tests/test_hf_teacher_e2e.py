@@ -39,7 +39,7 @@ def run(request, checkpoints, tmp_path_factory, megatron):
     rc = main(["run", str(ROOT / "conf/experiments/quickstart.yaml"),
                "teacher.source=hf", f"teacher.hf_path={checkpoints[family]}",
                f"output_dir={out}", f"domain.taxonomy={ROOT / 'conf/domains/finance.yaml'}",
-               "data.num_examples=175", "data.min_per_class=5",
+               "data.num_examples=180", "data.min_per_class=5", "data.val_fraction=0.2",
                "teacher.supervision.depths=[label]", "teacher.supervision.max_retries=0",
                "teacher.supervision.cache.formats=[]", "teacher.knowledge.probe_size=20",
                "prune.calibration_samples=16", "distill.train.steps=12",

@@ -84,6 +84,10 @@ def class_scores_full(model, encoder, rows: list[dict], batch_size: int = 16) ->
     return torch.cat(out) if out else torch.zeros(0, k)
 
 
+# Upper bound on (row, class) continuations scored against one repeated KV cache.
+MAX_CACHED_ROWS = 64
+
+
 @torch.no_grad()
 def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 32) -> torch.Tensor:
     """[rows, classes] summed log-likelihood of each class name after the prompt, from a
@@ -97,6 +101,9 @@ def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 3
     device = next(hf_model.parameters()).device
     seqs = encoder.label_seqs
     k, tail = len(seqs), max(len(s) for s in seqs) - 1
+    # The cache is copied once per class: bound rows x classes per forward (MAX_CACHED_ROWS), so
+    # 35 classes on a 30-layer model hold a few hundred MB of cache, not tens of GB.
+    batch_size = max(1, min(batch_size, MAX_CACHED_ROWS // k)) if tail > 0 else batch_size
     out = []
     for i in range(0, len(rows), batch_size):
         prompts = [encoder.prompt_ids(r["text"]) for r in rows[i : i + batch_size]]

@@ -36,7 +36,7 @@ def _encoder(folder):
                              tax.task), tax
 
 
-def test_cached_scorer_matches_a_full_forward_per_class(qwen3, megatron):
+def test_cached_scorer_matches_a_full_forward_per_class(qwen3, megatron, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from distillscale.eval.indomain import class_scores_cached, class_scores_full, predict_labels
@@ -59,7 +59,13 @@ def test_cached_scorer_matches_a_full_forward_per_class(qwen3, megatron):
             for c, s in enumerate(enc.label_seqs):
                 lp = torch.log_softmax(hf(torch.tensor([p + s])).logits[0].float(), -1)
                 ref[i, c] = sum(lp[len(p) - 1 + j, t] for j, t in enumerate(s))
-    # Batches of two rows of different prompt lengths: left padding and cache repetition.
+    # One row per forward (the memory bound at 35 classes), then batches of two rows of
+    # different prompt lengths: left padding and cache repetition.
+    cached = class_scores_cached(hf, enc, rows, batch_size=2)
+    assert torch.allclose(cached, ref, atol=1e-4), (cached - ref).abs().max()
+    from distillscale.eval import indomain
+
+    monkeypatch.setattr(indomain, "MAX_CACHED_ROWS", 10_000)
     cached = class_scores_cached(hf, enc, rows, batch_size=2)
     assert torch.allclose(cached, ref, atol=1e-4), (cached - ref).abs().max()
     model, _, _ = load_hf(qwen3)
