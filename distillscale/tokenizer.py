@@ -1,4 +1,4 @@
-"""Tokenizer for tiny from-scratch teachers, and the prompt format of the classification task.
+"""Tokenizer for tiny from-scratch teachers, and the prompt formats of the classification task.
 
 A tiny teacher gets a word-level tokenizer (HF `tokenizers`, saved as a
 `PreTrainedTokenizerFast`, so `transformers.AutoTokenizer` loads it) in which every class name
@@ -115,8 +115,8 @@ class PromptEncoder:
             ids = tokenizer.encode(name, add_special_tokens=False)
             if len(ids) != 1:
                 raise ValueError(
-                    f"class {name!r} is {len(ids)} tokens in this tokenizer; label-constrained "
-                    "scoring of multi-token labels needs the evaluation issue's scorer"
+                    f"class {name!r} is {len(ids)} tokens in this tokenizer; the tiny family's "
+                    "format needs one token per class (multi-token names: ChatPromptEncoder)"
                 )
             self.label_token_ids.append(ids[0])
         # Tokenizers built before thinking depths existed have no thinking tokens: they can
@@ -188,3 +188,115 @@ class PromptEncoder:
             label_ids[i] = index[row["label"]]
         return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids,
                             trace_len)
+
+
+class ChatPromptEncoder:
+    """The prompt format of a pretrained chat teacher (`teacher.source: hf`): every request is
+    rendered by the checkpoint's own chat template through the supervision family adapter (the
+    same rendering the teacher answered, so student training and teacher supervision agree), and
+    the answer is the class name as the tokenizer splits it — usually several tokens.
+
+        label   {chat prompt at the label depth}{class name}<eos>
+        cot_*   {chat prompt at that depth}{trace_start}{trace}\n{trace_end}{ class name}<eos>
+
+    The same surface as `PromptEncoder` (`encode`, `sequence`, `prompt_ids`, `labels`, ids of
+    pad / eos): `answer_pos` is the position predicting the class name's first token and
+    `answer_mask` covers every position predicting one of its tokens; `label_seqs[c]` are the
+    token ids of class c right after the label prompt (what label-constrained scoring sums).
+    """
+
+    def __init__(self, tokenizer, labels: list[str], seq_length: int, adapter, task: str):
+        self.tok = tokenizer
+        self.labels = labels
+        self.seq_length = seq_length
+        self.adapter = adapter
+        self.task = task
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the teacher's tokenizer has no eos token: answers cannot end")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id = tokenizer.bos_token_id
+        self.label_seqs = [tokenizer.encode(n, add_special_tokens=False) for n in labels]
+        # After a trace the class name follows `trace_end` and a space ("Answer: merger").
+        closer = adapter.trace_end or ""
+        lead = " " if closer and not closer[-1].isspace() else ""
+        self.trace_label_seqs = [tokenizer.encode(lead + n, add_special_tokens=False)
+                                 for n in labels]
+        if len({tuple(s) for s in self.label_seqs}) != len(labels):
+            raise ValueError("two class names tokenize to the same ids in the teacher's tokenizer")
+        self.label_token_ids = [s[0] for s in self.label_seqs]
+        self.single_token = all(len(s) == 1 for s in self.label_seqs)
+        self.think_open_ids: dict[str, int | None] = {}
+        self.think_close_id = None
+        self._prompts: dict[tuple[str, str], list[int]] = {}
+
+    def prompt_ids(self, text: str, depth: str | None = None) -> list[int]:
+        """Token ids of the rendered request (the chat template writes every special token)."""
+        d = depth or "label"
+        key = (text, d)
+        if key not in self._prompts:
+            rendered = self.adapter.render(self.tok, text, d, self.task, self.labels)
+            ids = self.tok.encode(rendered, add_special_tokens=False)
+            if len(ids) + max(len(s) for s in self.label_seqs) + 1 > self.seq_length:
+                raise ValueError(f"prompt of {len(ids)} tokens leaves no room for the answer in "
+                                 f"seq_length={self.seq_length}: {text[:60]!r}")
+            self._prompts[key] = ids
+        return self._prompts[key]
+
+    def sequence(self, text: str, label_index: int, trace: str | None = None,
+                 depth: str | None = None) -> tuple[list[int], int, int]:
+        if trace is None:
+            prompt = self.prompt_ids(text)
+            return prompt + self.label_seqs[label_index] + [self.eos_id], len(prompt) - 1, 0
+        if depth is None:
+            raise ValueError("a trace needs its depth (cot_short or cot_long)")
+        prompt = self.prompt_ids(text, depth)
+        answer = self.trace_label_seqs[label_index]
+        body = (self.adapter.trace_start or "") + trace.strip() + "\n"
+        closer = self.tok.encode(self.adapter.trace_end or "", add_special_tokens=False)
+        room = self.seq_length - len(prompt) - len(closer) - len(answer) - 1
+        trace_ids = self.tok.encode(body, add_special_tokens=False)[: max(room, 0)] + closer
+        ids = prompt + trace_ids + answer + [self.eos_id]
+        return ids, len(prompt) + len(trace_ids) - 1, len(trace_ids)
+
+    def encode(self, rows: list[dict], depth: str | None = None) -> EncodedBatch:
+        index = {n: i for i, n in enumerate(self.labels)}
+        seqs, spans = [], []
+        for row in rows:
+            trace = None
+            if depth is not None:
+                trace = (row.get("traces") or {}).get(depth)
+                if trace is None:
+                    raise KeyError(f"row {row.get('id', '?')}: no {depth!r} trace "
+                                   "(rows need traces from the teacher stage)")
+            c = index[row["label"]]
+            seqs.append(self.sequence(row["text"], c, trace, depth))
+            spans.append(len((self.label_seqs if trace is None else self.trace_label_seqs)[c]))
+        b = len(rows)
+        s = max((len(ids) for ids, _, _ in seqs), default=2) - 1
+        tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
+        targets = torch.full((b, s), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((b, s), dtype=torch.float32)
+        answer_mask = torch.zeros((b, s), dtype=torch.float32)
+        answer_pos = torch.zeros(b, dtype=torch.long)
+        trace_len = torch.zeros(b, dtype=torch.long)
+        label_ids = torch.zeros(b, dtype=torch.long)
+        for i, (row, (seq, pos, tl), n_ans) in enumerate(zip(rows, seqs, spans)):
+            n = len(seq)
+            tokens[i, : n - 1] = torch.tensor(seq[:-1])
+            targets[i, : n - 1] = torch.tensor(seq[1:])
+            loss_mask[i, : n - 1] = 1.0
+            answer_pos[i] = pos
+            answer_mask[i, pos : pos + n_ans] = 1.0
+            trace_len[i] = tl
+            label_ids[i] = index[row["label"]]
+        return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids,
+                            trace_len)
+
+
+def make_encoder(tokenizer, labels: list[str], seq_length: int, adapter=None, task: str = ""):
+    """`ChatPromptEncoder` when a family adapter for a pretrained chat teacher is given, else the
+    tiny family's `PromptEncoder`."""
+    if adapter is None:
+        return PromptEncoder(tokenizer, labels, seq_length)
+    return ChatPromptEncoder(tokenizer, labels, seq_length, adapter, task)

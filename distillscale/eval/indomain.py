@@ -1,8 +1,10 @@
 """In-domain evaluation: predictions and metrics with bootstrap CIs.
 
 Two scoring modes:
-- label-constrained: at the answer position, the logits of the class tokens only, argmax: no
-  parse failures, so the metric measures the classifier, not the format;
+- label-constrained: argmax over the classes only, no parse failures, so the metric measures the
+  classifier, not the format. Single-token class names (the tiny family) read one logit per
+  class at the answer position; multi-token names (a pretrained teacher's tokenizer) are scored
+  by summed log-likelihood, one prompt forward and the names on its KV cache;
 - generative: greedy decoding of the model's own output (its reasoning, then the answer), the
   class parsed from the text after the reasoning; unparseable outputs count as wrong and their
   share is reported as `parse_failure_rate`.
@@ -21,8 +23,21 @@ from distillscale.tokenizer import PromptEncoder
 
 
 @torch.no_grad()
-def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 128) -> np.ndarray:
-    """Class index predicted for each row."""
+def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 128,
+                   hf_dir=None) -> np.ndarray:
+    """Class index predicted for each row (label-constrained: argmax over the classes).
+
+    Single-token class names: one forward, the class tokens' logits at the answer position.
+    Multi-token names (a pretrained teacher's tokenizer): summed log-likelihood of each name;
+    with `hf_dir` (the model's HF export) by `class_scores_cached` (one prompt forward, every
+    continuation on the cached prefix), else by `class_scores_full` on `model`.
+    """
+    if not getattr(encoder, "single_token", True) or any(
+            len(s) > 1 for s in getattr(encoder, "label_seqs", [])):
+        if hf_dir is not None:
+            return class_scores_cached(_hf_model(hf_dir), encoder, rows, batch_size).argmax(-1).numpy()
+        return class_scores_full(model, encoder, rows, max(batch_size // len(encoder.labels), 1)
+                                 ).argmax(-1).numpy()
     class_ids = torch.tensor(encoder.label_token_ids)
     preds = []
     model.eval()
@@ -32,6 +47,100 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
         at_answer = logits[torch.arange(len(b.answer_pos)), b.answer_pos]
         preds.append(at_answer[:, class_ids].argmax(-1))
     return torch.cat(preds).numpy()
+
+
+def _hf_model(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+@torch.no_grad()
+def class_scores_full(model, encoder, rows: list[dict], batch_size: int = 16) -> torch.Tensor:
+    """[rows, classes] summed log-likelihood of each class name after the prompt, by a full
+    forward of the Megatron `model` over prompt + name for every (row, class): exact, and
+    `len(classes)` times the cost of `class_scores_cached`. The reference the cached scorer is
+    tested against, and the scorer for models with no HF export (a student during training)."""
+    model.eval()
+    seqs = encoder.label_seqs
+    k = len(seqs)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        prompts = [encoder.prompt_ids(r["text"]) for r in rows[i : i + batch_size]]
+        pairs = [(p, s) for p in prompts for s in seqs]
+        width = max(len(p) + len(s) for p, s in pairs) - 1
+        toks = torch.full((len(pairs), width), encoder.pad_id, dtype=torch.long)
+        for j, (p, s) in enumerate(pairs):
+            ids = (p + s)[:-1]
+            toks[j, : len(ids)] = torch.tensor(ids)
+        lp = torch.log_softmax(forward_logits(model, toks).float(), -1)
+        scores = torch.zeros(len(pairs))
+        for j, (p, s) in enumerate(pairs):
+            at = torch.arange(len(p) - 1, len(p) - 1 + len(s))
+            scores[j] = lp[j, at, torch.tensor(s)].sum()
+        out.append(scores.view(len(prompts), k))
+    return torch.cat(out) if out else torch.zeros(0, k)
+
+
+# Upper bound on (row, class) continuations scored against one repeated KV cache.
+MAX_CACHED_ROWS = 64
+
+
+@torch.no_grad()
+def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 32) -> torch.Tensor:
+    """[rows, classes] summed log-likelihood of each class name after the prompt, from a
+    transformers causal LM: one forward over the (left-padded) prompts with a KV cache, whose
+    last position scores every class's first token, then one forward of every class's remaining
+    tokens for every row against that cache repeated per class. Cost: a prompt forward plus a
+    few tokens per class, instead of a full forward per class (`class_scores_full`).
+
+    Written here because lm-eval's loglikelihood requests re-encode the whole context per
+    choice; transformers has the cache but no scorer over a fixed set of continuations."""
+    device = next(hf_model.parameters()).device
+    seqs = encoder.label_seqs
+    k, tail = len(seqs), max(len(s) for s in seqs) - 1
+    # The cache is copied once per class: bound rows x classes per forward (MAX_CACHED_ROWS), so
+    # 35 classes on a 30-layer model hold a few hundred MB of cache, not tens of GB.
+    batch_size = max(1, min(batch_size, MAX_CACHED_ROWS // k)) if tail > 0 else batch_size
+    out = []
+    for i in range(0, len(rows), batch_size):
+        prompts = [encoder.prompt_ids(r["text"]) for r in rows[i : i + batch_size]]
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        # Explicit positions: with left padding each prompt still starts at position 0.
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        res = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=pos.to(device), use_cache=tail > 0)
+        first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()  # [b, vocab]
+        scores = torch.stack([first[:, s[0]] for s in seqs], 1)  # [b, k]
+        if tail > 0:
+            cache = res.past_key_values
+            cache.batch_repeat_interleave(k)  # row j's cache at rows j*k .. j*k + k - 1
+            cont = torch.full((b * k, tail), encoder.pad_id, dtype=torch.long)
+            for c, s in enumerate(seqs):
+                if len(s) > 1:
+                    cont[c::k, : len(s) - 1] = torch.tensor(s[:-1])
+            lens = torch.tensor([len(p) for p in prompts]).repeat_interleave(k)
+            cpos = lens.unsqueeze(1) + torch.arange(tail).unsqueeze(0)
+            # Right padding of the continuations never reaches an earlier, scored position.
+            cmask = torch.cat([mask.repeat_interleave(k, 0),
+                               torch.ones((b * k, tail), dtype=torch.long)], 1)
+            lp = torch.log_softmax(hf_model(
+                input_ids=cont.to(device), attention_mask=cmask.to(device),
+                position_ids=cpos.to(device), past_key_values=cache,
+                use_cache=False).logits.float(), -1).cpu().view(b, k, tail, -1)
+            for c, s in enumerate(seqs):
+                if len(s) > 1:
+                    nxt = torch.tensor(s[1:])
+                    scores[:, c] += lp[:, c, torch.arange(len(s) - 1), nxt].sum(-1)
+        out.append(scores)
+    return torch.cat(out) if out else torch.zeros(0, k)
 
 
 @torch.no_grad()
@@ -50,6 +159,9 @@ def generate_labels(
     for i in range(0, len(rows), batch_size):
         prompts = []
         for r in rows[i : i + batch_size]:
+            if hasattr(encoder, "adapter"):  # a chat teacher's format: its depth's own prompt
+                prompts.append(encoder.prompt_ids(r["text"], depth))
+                continue
             ids = encoder.prompt_ids(r["text"])
             if depth is not None:
                 open_id = encoder.think_open_ids.get(depth)
@@ -58,7 +170,7 @@ def generate_labels(
                 ids = ids[: len(ids) - len(encoder.tail_ids)] + [open_id]
             prompts.append(ids)
         gen = _greedy(model, encoder, prompts, max_new_tokens)
-        if depth is not None:
+        if depth is not None and not hasattr(encoder, "adapter"):
             # The reasoning was opened by the prompt: keep its marker so that an output that
             # never closes it parses as "no answer", not as the classes it mentions.
             gen = [f"{encoder.tok.convert_ids_to_tokens(open_id)} {g}" for g in gen]

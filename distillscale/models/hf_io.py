@@ -25,7 +25,6 @@ import, a 33M-parameter model saves in ~0.4 s and loads in ~0.9 s.
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -115,7 +114,11 @@ def _unsupported(mcfg) -> list[str]:
     return [name for name, bad in checks.items() if bad]
 
 
-def _rope_scaling(mcfg, family: str) -> dict | None:
+def _rope_scaling(mcfg, family: str, arch: ModelArch | None = None) -> dict | None:
+    if arch is not None and arch.rope_scaling:
+        if family != "llama":
+            raise NotImplementedError("save_hf: RoPE scaling on a non-Llama model")
+        return dict(arch.rope_scaling)
     # Same HF encoding as Megatron-Bridge 0.6.2 LlamaBridge.megatron_to_hf_config (Llama 3.1/3.2
     # checkpoints loaded through load_hf carry these on their provider config).
     if getattr(mcfg, "rope_scaling", False):
@@ -191,9 +194,13 @@ def _check_shape(model, arch: ModelArch, vocab_size: int) -> None:
         "num_attention_heads": arch.num_attention_heads,
         "num_query_groups": arch.num_query_groups,
         "kv_channels": arch.head_dim,
+        "qk_layernorm": arch.qk_layernorm,
+        "add_qkv_bias": arch.add_qkv_bias,
     }
     wrong = {
-        k: (getattr(mcfg, k, None), v) for k, v in expected.items() if getattr(mcfg, k, None) != v
+        k: (getattr(mcfg, k, None), v) for k, v in expected.items()
+        if getattr(mcfg, k, None) != v and not (isinstance(v, bool)
+                                                and bool(getattr(mcfg, k, None)) == v)
     }
     if wrong:
         detail = ", ".join(f"{k}: model.config {m} vs arch {a}" for k, (m, a) in wrong.items())
@@ -245,7 +252,7 @@ def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokeni
         family,
         dtype=dtype,
         tokenizer=tokenizer,
-        rope_scaling=_rope_scaling(mcfg, family),
+        rope_scaling=_rope_scaling(mcfg, family, arch),
     )
 
     out = Path(out_dir)
@@ -270,35 +277,110 @@ def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokeni
 
 # -------------------------------------------------------------------------------------- load
 
-
-def _arch_from_provider(p) -> ModelArch:
-    heads, hidden = p.num_attention_heads, p.hidden_size
-    kv = p.kv_channels
-    return ModelArch(
-        num_layers=p.num_layers,
-        hidden_size=hidden,
-        ffn_hidden_size=p.ffn_hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=p.num_query_groups or heads,
-        # None when it is the default, so a loaded teacher's arch equals the one it was built from.
-        kv_channels=None if kv is None or (hidden % heads == 0 and kv == hidden // heads) else kv,
-        seq_length=p.seq_length,
-        rotary_base=float(p.rotary_base),
-        norm_epsilon=p.layernorm_epsilon,
-        tie_word_embeddings=bool(p.share_embeddings_and_output_weights),
-    )
+# HF model types read as a ModelArch, and the family their checkpoints (and every pruned
+# student's) are written back as. Mistral without sliding-window attention is Llama's math and
+# weight layout, so its students are written as Llama.
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def _not_in_arch(p) -> list[str]:
-    """Features the loaded model has that ModelArch (hence build_gpt) does not describe."""
-    extra = []
-    if getattr(p, "qk_layernorm", False):
-        extra.append("QK layernorm")
-    if getattr(p, "add_qkv_bias", False):
-        extra.append("QKV bias")
-    if getattr(p, "rope_scaling", False) or getattr(p, "seq_len_interpolation_factor", None):
-        extra.append("RoPE scaling")
-    return extra
+def hf_family(arch: ModelArch) -> str:
+    """The HF family `save_hf` writes a model of this arch as."""
+    if arch.qk_layernorm and arch.add_qkv_bias:
+        raise NotImplementedError("QK layernorm together with QKV bias has no HF family here")
+    return "qwen3" if arch.qk_layernorm else "qwen2" if arch.add_qkv_bias else "llama"
+
+
+def _hf_rope(cfg) -> tuple[float, dict | None]:
+    """(rope theta, scaling in HF's encoding or None) from a transformers config: transformers 5
+    keeps both in `rope_parameters`, configs written before it in `rope_theta` / `rope_scaling`."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = float(params.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0) or 10000.0))
+    scaling = params or dict(getattr(cfg, "rope_scaling", None) or {})
+    scaling.pop("rope_theta", None)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return theta, (None if kind == "default" else scaling)
+
+
+def arch_from_hf_config(path: str | Path) -> tuple[ModelArch, int]:
+    """(ModelArch, vocabulary size) of an HF causal-LM checkpoint, from its config.json alone
+    (no weights are read, so it works for a 70B checkpoint on a laptop too).
+
+    `path`: the checkpoint folder or its config.json. Llama, Mistral (no sliding window), Qwen2
+    (QKV bias) and Qwen3 (QK layernorm) are read; anything outside the dense RMSNorm / SwiGLU /
+    RoPE decoder ModelArch describes is refused with the file and the feature named.
+    """
+    from transformers import AutoConfig
+
+    p = Path(path)
+    folder = p.parent if p.name == "config.json" else p
+    where = folder / "config.json"
+    if not where.is_file():
+        raise FileNotFoundError(f"{where}: missing (not an HF checkpoint folder)")
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{where}: not a transformers config ({e})") from None
+    kind = getattr(cfg, "model_type", None)
+    if kind not in MODEL_TYPES:
+        raise NotImplementedError(
+            f"{where}: model_type {kind!r} is not supported (one of {sorted(MODEL_TYPES)})")
+    bad = []
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        bad.append(f"hidden_act={cfg.hidden_act}")
+    if getattr(cfg, "mlp_bias", False):
+        bad.append("mlp_bias")
+    if kind != "qwen2" and getattr(cfg, "attention_bias", False):
+        bad.append("attention_bias (biases on q/k/v and o)")
+    if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+        bad.append("MoE")
+    window = getattr(cfg, "sliding_window", None)
+    if window and (kind == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        bad.append(f"sliding-window attention ({window})")
+    if bad:
+        raise NotImplementedError(f"{where}: unsupported model features: {', '.join(bad)}")
+    hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    groups = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    theta, scaling = _hf_rope(cfg)
+    try:
+        arch = ModelArch(
+            num_layers=int(cfg.num_hidden_layers),
+            hidden_size=hidden,
+            ffn_hidden_size=int(cfg.intermediate_size),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            # None when it is the default, so an arch read back equals the one written.
+            kv_channels=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
+            seq_length=int(cfg.max_position_embeddings),
+            rotary_base=theta,
+            norm_epsilon=float(cfg.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qk_layernorm=kind == "qwen3",
+            add_qkv_bias=kind == "qwen2",
+            rope_scaling=scaling,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return arch, int(cfg.vocab_size)
+
+
+def _check_provider(p, arch: ModelArch, where: Path) -> None:
+    """Megatron-Bridge's provider must describe the model `arch_from_hf_config` read."""
+    want = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+            "ffn_hidden_size": arch.ffn_hidden_size,
+            "num_attention_heads": arch.num_attention_heads,
+            "num_query_groups": arch.num_query_groups, "kv_channels": arch.head_dim,
+            "qk_layernorm": arch.qk_layernorm, "add_qkv_bias": arch.add_qkv_bias,
+            "share_embeddings_and_output_weights": arch.tie_word_embeddings}
+    got = {k: getattr(p, k, None) for k in want}
+    if got["num_query_groups"] is None:
+        got["num_query_groups"] = p.num_attention_heads
+    if got["kv_channels"] is None:
+        got["kv_channels"] = p.hidden_size // p.num_attention_heads
+    wrong = {k: (got[k], v) for k, v in want.items() if got[k] != v and bool(got[k]) != v}
+    if wrong:
+        raise RuntimeError(f"load_hf: {where}: Megatron-Bridge reads {wrong} (bridge, config) "
+                           "differently from config.json")
 
 
 def load_hf(path: str | Path):
@@ -307,9 +389,9 @@ def load_hf(path: str | Path):
     transformer-engine spec on GPU (as `build_gpt`), sharded over the current TP/PP groups.
 
     Returns `(model, arch, vocab_size)`; `model` is the bare GPTModel (this rank's pipeline
-    stage), in eval mode. For Llama checkpoints `build_gpt(arch, vocab_size)` builds the same
-    module tree (its state dict loads into it); QK layernorm, QKV bias and RoPE scaling are
-    kept in the returned model but are not fields of ModelArch, and a warning says so.
+    stage), in eval mode; `arch` is `arch_from_hf_config(path)` (QK layernorm, QKV bias and RoPE
+    scaling included), so `build_gpt(arch, vocab_size)` builds the same module tree and its state
+    dict loads into it.
     """
     auto_bridge = _auto_bridge()
     from megatron.core import parallel_state
@@ -317,19 +399,14 @@ def load_hf(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not an HF checkpoint directory (no config.json)")
+    arch, _ = arch_from_hf_config(path)
     bridge = auto_bridge.from_hf_pretrained(str(path))
     provider = bridge.to_megatron_provider(load_weights=True)
 
     bad = _unsupported(provider)
     if bad:
         raise NotImplementedError(f"load_hf: {path}: unsupported model features: {', '.join(bad)}")
-    extra = _not_in_arch(provider)
-    if extra:
-        warnings.warn(
-            f"load_hf: {path} has {', '.join(extra)}: the returned model keeps it, but ModelArch "
-            "does not record it, so build_gpt(arch) would build a model without it",
-            stacklevel=2,
-        )
+    _check_provider(provider, arch, path)
 
     on_gpu = cuda_available()
     provider.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -362,4 +439,4 @@ def load_hf(path: str | Path):
     )
     model = chunks[0]
     model.eval()
-    return model, _arch_from_provider(provider), int(provider.vocab_size)
+    return model, arch, int(provider.vocab_size)

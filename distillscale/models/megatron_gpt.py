@@ -62,6 +62,8 @@ def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_paral
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel,
@@ -80,20 +82,44 @@ def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_paral
     )
 
 
-def layer_spec():
+def layer_spec(qk_layernorm: bool = False):
     if cuda_available():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+# Megatron-core's llama3 RoPE scaling has these fixed (rotary_pos_embedding._apply_scaling);
+# only `factor` is a parameter.
+_MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+def rope_kwargs(arch: ModelArch) -> dict:
+    """GPTModel's RoPE-scaling arguments for `arch.rope_scaling` (HF encoding)."""
+    rs = arch.rope_scaling
+    if not rs:
+        return {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "llama3":
+        off = {k: rs.get(k) for k, v in _MCORE_LLAMA3.items() if float(rs.get(k, v)) != v}
+        if off:
+            raise NotImplementedError(
+                f"llama3 RoPE scaling with {off}: megatron-core fixes these to {_MCORE_LLAMA3}")
+        return {"rope_scaling": True, "rope_scaling_factor": float(rs.get("factor", 8.0))}
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": float(rs["factor"])}
+    raise NotImplementedError(f"RoPE scaling {kind!r}: only llama3 and linear are supported")
 
 
 def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1):
-    """A fresh Megatron-core GPTModel of this shape (Llama-style), whole on every pipeline rank.
+    """A fresh Megatron-core GPTModel of this shape (Llama-style, with Qwen3's QK layernorm or
+    Qwen2's QKV bias when `arch` has them), whole on every pipeline rank.
 
     The local path (CPU, and the stages that build models themselves) splits models over
     tensor-parallel ranks only; pipeline stages come from Megatron-Bridge's providers on the
@@ -112,7 +138,7 @@ def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeli
     cfg = transformer_config(arch, tensor_parallel, pipeline_parallel)
     model = GPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(arch.qk_layernorm),
         vocab_size=vocab_size,
         max_sequence_length=arch.seq_length,
         pre_process=True,
@@ -120,6 +146,7 @@ def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeli
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
+        **rope_kwargs(arch),
     )
     if cuda_available():
         model = model.cuda()
@@ -150,11 +177,14 @@ def count_params(model) -> int:
 
 
 def arch_params(arch: ModelArch, vocab_size: int) -> int:
-    """Parameter count of a Llama-style model of this shape (matches `count_params`)."""
+    """Parameter count of a model of this shape (matches `count_params`)."""
     h, f, L = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers
     d = arch.head_dim
-    attn = h * d * (arch.num_attention_heads + 2 * arch.num_query_groups) + arch.num_attention_heads * d * h
+    qkv_out = d * (arch.num_attention_heads + 2 * arch.num_query_groups)
+    attn = h * qkv_out + arch.num_attention_heads * d * h
+    if arch.add_qkv_bias:
+        attn += qkv_out
     mlp = 2 * h * f + f * h
-    norms = 2 * h
+    norms = 2 * h + (2 * d if arch.qk_layernorm else 0)
     emb = vocab_size * h * (1 if arch.tie_word_embeddings else 2)
     return L * (attn + mlp + norms) + emb + h

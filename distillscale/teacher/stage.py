@@ -170,6 +170,121 @@ def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     }
 
 
+# Family adapter an HF teacher gets when the config keeps the tiny teacher's default.
+CHAT_FAMILY = "conf/teachers/chat.yaml"
+TINY_FAMILY = "conf/teachers/tiny.yaml"
+# Settings that shape a scratch teacher only; an HF teacher ignores them (one note says so).
+SCRATCH_ONLY = ("arch", "train", "knowledge.fraction")
+
+
+def supervision_family(cfg: ExperimentConfig) -> Path:
+    """The family adapter of this teacher: `teacher.supervision.family`, except that an HF
+    teacher left on the tiny family's default gets the chat-template family (`CHAT_FAMILY`)."""
+    fam = cfg.teacher.supervision.family
+    if cfg.teacher.source == "hf" and Path(fam) == Path(TINY_FAMILY):
+        return Path(CHAT_FAMILY)
+    return Path(fam)
+
+
+def prompt_encoder(cfg: ExperimentConfig, teacher_dir: Path, taxonomy: Taxonomy,
+                   seq_length: int | None = None):
+    """(encoder, tokenizer) of this experiment's prompt format, from the teacher stage's
+    tokenizer: the tiny family's `PromptEncoder`, or for an HF teacher a `ChatPromptEncoder`
+    over the checkpoint's chat template and this experiment's family adapter."""
+    from distillscale.teacher.adapters import load_adapter
+    from distillscale.tokenizer import load_tokenizer, make_encoder
+
+    teacher_dir = Path(teacher_dir)
+    tok = load_tokenizer(teacher_dir / "tokenizer")
+    if seq_length is None:
+        seq_length = json.loads((teacher_dir / "checkpoint" / "arch.json").read_text())[
+            "arch"]["seq_length"]
+    adapter = load_adapter(supervision_family(cfg)) if cfg.teacher.source == "hf" else None
+    return make_encoder(tok, taxonomy.labels, seq_length, adapter, taxonomy.task), tok
+
+
+def resolve_hf_path(hf_path: str) -> Path:
+    """A local HF checkpoint folder for `teacher.hf_path`: the folder itself, or a hub id
+    downloaded through huggingface_hub's cache (where a hub is reachable)."""
+    p = Path(hf_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"teacher.hf_path={hf_path}: no config.json in that folder")
+        return p.resolve()
+    if p.is_absolute() or hf_path.startswith(".") or hf_path.count("/") != 1:
+        raise FileNotFoundError(f"teacher.hf_path={hf_path}: no such folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(hf_path))
+    except (OSError, ValueError, HfHubHTTPError) as e:  # offline, unknown or gated repo
+        raise FileNotFoundError(f"teacher.hf_path={hf_path}: not a folder, and the hub "
+                                f"download failed ({type(e).__name__}: {e})") from None
+
+
+def scratch_only_settings(cfg: ExperimentConfig) -> list[str]:
+    """The scratch-teacher settings this config sets that an HF teacher ignores."""
+    fields = cfg.teacher.model_fields_set
+    out = [f"teacher.{k}" for k in ("arch", "train") if k in fields and getattr(cfg.teacher, k)]
+    if "knowledge" in fields and "fraction" in cfg.teacher.knowledge.model_fields_set:
+        out.append("teacher.knowledge.fraction")
+    return out
+
+
+def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
+                      val_rows: list[dict]) -> dict:
+    """The teacher stage of a pretrained teacher (`teacher.source: hf`): the checkpoint imported
+    through Megatron-Bridge into `out/checkpoint/` (the Megatron model pruning and distillation
+    start from, its arch read from config.json), its tokenizer and chat template in
+    `out/tokenizer/`, `out/hf` linking the checkpoint itself (lm-eval, the HF backends and the
+    speed comparison read it), the knowledge probe, and the imported model's in-domain
+    validation accuracy (label-constrained, on its HF checkpoint). Returns metrics."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from distillscale.distill.export import check_hf_export
+    from distillscale.eval.indomain import predict_labels
+    from distillscale.knowledge.general import write_mmlu_probe
+    from distillscale.models.checkpoint import save_model
+    from distillscale.models.hf_io import hf_family, load_hf
+    from distillscale.models.megatron_gpt import count_params
+    from distillscale.teacher.adapters import load_adapter
+    from distillscale.tokenizer import make_encoder
+
+    src = resolve_hf_path(cfg.teacher.hf_path)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    if not tok.chat_template:
+        raise ValueError(f"{src}: the tokenizer has no chat template; prompts are rendered by "
+                         "it (add one to tokenizer_config.json, or use an instruct checkpoint)")
+    model, arch, vocab = load_hf(src)
+    save_model(model, arch, vocab, out)
+    tok.save_pretrained(out / "tokenizer")
+    os.symlink(src, out / "hf", target_is_directory=True)
+    kcfg = cfg.teacher.knowledge
+    _, include = teacher_facts(cfg, taxonomy)
+    write_mmlu_probe(out / PROBE_DIR, cfg.seed, kcfg.probe_size, countries=kcfg.countries,
+                     arithmetic=kcfg.arithmetic, conversions=kcfg.conversions, include=include)
+    adapter = load_adapter(supervision_family(cfg))
+    # The imported Megatron model must be the checkpoint: logits against transformers'.
+    encoder = make_encoder(tok, taxonomy.labels, arch.seq_length, adapter, taxonomy.task)
+    diff = check_hf_export(model, out / "hf", encoder.encode(val_rows[:4]).tokens)
+    index = {n: i for i, n in enumerate(taxonomy.labels)}
+    y = np.array([index[r["label"]] for r in val_rows])
+    pred = predict_labels(model, encoder, val_rows, hf_dir=out / "hf")
+    return {
+        "source": "hf", "hf_path": str(src), "hf_family": hf_family(arch),
+        "hf_config": json.loads((src / "config.json").read_text()),
+        "arch": arch.model_dump(mode="json"), "params": count_params(model),
+        "vocab_size": vocab, "chat_template": tok.chat_template,
+        "class_name_tokens": {n: len(s) for n, s in zip(taxonomy.labels, encoder.label_seqs)},
+        "hf_max_abs_logit_diff": diff,
+        "final_val_accuracy": float((pred == y).mean()), "val_rows": len(val_rows),
+        "ignored_settings": scratch_only_settings(cfg),
+    }
+
+
 def _corpus_perplexity(model, forward_logits, tokens, targets, mask) -> float:
     s = int(mask.sum(0).nonzero().max()) + 1
     logits = forward_logits(model, tokens[:, :s]).float()
@@ -202,7 +317,7 @@ def supervise(cfg: ExperimentConfig, teacher_dir: Path, data_dir: Path, out: Pat
     from distillscale.teacher.logit_cache import fingerprint_path
 
     sc = cfg.teacher.supervision
-    adapter = load_adapter(sc.family)
+    adapter = load_adapter(supervision_family(cfg))
     model_dir = teacher_model_dir(cfg, teacher_dir)
     backend = make_backend(
         sc.backend, str(model_dir), batch_size=sc.batch_size, seed=cfg.seed,
@@ -251,13 +366,10 @@ def build_caches(cfg, backend, teacher_dir: Path, adapter, rows: list[dict], tax
         sequences_hash,
     )
     from distillscale.teacher.supervision import FORMAT_DEPTH, supervision_batch
-    from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL, PromptEncoder, load_tokenizer
+    from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL
 
     cc = cfg.teacher.supervision.cache
-    tok = load_tokenizer(Path(teacher_dir) / "tokenizer")
-    seq_length = json.loads((Path(teacher_dir) / "checkpoint" / "arch.json").read_text())[
-        "arch"]["seq_length"]
-    encoder = PromptEncoder(tok, taxonomy.labels, seq_length)
+    encoder, _ = prompt_encoder(cfg, teacher_dir, taxonomy)
     out = {}
     for fmt in cc.formats:
         depth = FORMAT_DEPTH[fmt]

@@ -158,14 +158,14 @@ def test_save_hf_rejects_arch_that_does_not_match_model(mg, tmp_path):
 
 
 # Checkpoints as users bring them (local Qwen3 / Qwen2.5 / Llama-3.1 directories), at toy size:
-# (transformers config class name, extra config, feature the load_hf warning names).
+# (transformers config class name, extra config, (QK layernorm, QKV bias, RoPE scaling)).
 HUB_FAMILIES = {
     "qwen3": (
         "Qwen3Config",
         {"head_dim": 32, "rope_theta": 1e6, "tie_word_embeddings": True},
-        "QK layernorm",
+        (True, False, False),
     ),
-    "qwen2": ("Qwen2Config", {"rope_theta": 1e6}, "QKV bias"),
+    "qwen2": ("Qwen2Config", {"rope_theta": 1e6}, (False, True, False)),
     "llama3.1": (
         "LlamaConfig",
         {
@@ -178,7 +178,7 @@ HUB_FAMILIES = {
                 "original_max_position_embeddings": 8192,
             }
         },
-        "RoPE scaling",
+        (False, False, True),
     ),
 }
 
@@ -209,9 +209,9 @@ def test_load_hf_checkpoint_and_export_back(mg, tmp_path, family):
     with torch.no_grad():
         ref = src(tokens).logits
 
-    with pytest.warns(UserWarning, match=feature):
-        model, arch, vocab = load_hf(tmp_path / "src")
+    model, arch, vocab = load_hf(tmp_path / "src")
     assert (arch.hidden_size, arch.num_query_groups, vocab) == (64, 2, VOCAB)
+    assert (arch.qk_layernorm, arch.add_qkv_bias, arch.rope_scaling is not None) == feature
     assert arch.head_dim == extra.get("head_dim", 16)
     assert arch.tie_word_embeddings == extra.get("tie_word_embeddings", False)
     with torch.no_grad():
@@ -222,6 +222,38 @@ def test_load_hf_checkpoint_and_export_back(mg, tmp_path, family):
     assert json.loads((out / "config.json").read_text())["architectures"] == cfg.architectures
     hf, _ = _hf_logits(out, tokens)
     assert (hf - ref).abs().max().item() < TOL
+
+    # The recorded arch rebuilds the same model without Bridge (what checkpoints, pruning and
+    # distillation do): the state dict loads strictly and gives the same logits.
+    rebuilt = mg.build_gpt(arch, vocab)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    rebuilt.eval()
+    with torch.no_grad():
+        assert (mg.forward_logits(rebuilt, tokens) - ref).abs().max().item() < TOL
+    assert mg.count_params(rebuilt) == mg.arch_params(arch, vocab)
+
+
+def test_arch_from_hf_config_reads_each_family(tmp_path):
+    import transformers
+
+    from distillscale.models.hf_io import arch_from_hf_config, hf_family
+
+    for family, (cls_name, extra, feature) in HUB_FAMILIES.items():
+        cfg = getattr(transformers, cls_name)(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, **extra)
+        cfg.save_pretrained(tmp_path / family)
+        arch, vocab = arch_from_hf_config(tmp_path / family / "config.json")
+        assert (arch.num_layers, arch.ffn_hidden_size, vocab) == (3, 128, VOCAB)
+        assert (arch.qk_layernorm, arch.add_qkv_bias, arch.rope_scaling is not None) == feature
+        assert hf_family(arch) == {"llama3.1": "llama"}.get(family, family)
+    assert arch.rope_scaling["factor"] == 8.0 and arch.rotary_base == 5e5
+    bad = transformers.LlamaConfig(hidden_act="gelu", attention_bias=True)
+    bad.save_pretrained(tmp_path / "bad")
+    with pytest.raises(NotImplementedError, match="hidden_act=gelu.*attention_bias"):
+        arch_from_hf_config(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        arch_from_hf_config(tmp_path / "nothing")
 
 
 def test_bridge_te_stub_has_module_spec(mg):
