@@ -1,7 +1,7 @@
 """Peak memory and value of the memory-safe KD losses against the naive full-vocabulary loss.
 
     python tools/bench_kd_loss.py --vocab 128000 [--tokens 512] [--chunk 32] [--kind forward_kl]
-    python tools/bench_kd_loss.py --vocab 128000 --fused [--tokens 2048] [--hidden 256] ...
+    python tools/bench_kd_loss.py --vocab 128000 --fused [--tokens 1024] [--hidden 256] ...
 
 Default (chunked): both variants take the same bf16 student / teacher logits [tokens, vocab] and
 run forward and backward (gradient into the bf16 student logits), as a training step does.
@@ -147,8 +147,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=128000)
     ap.add_argument("--tokens", type=int, default=None,
-                    help="batch x sequence positions (default 512; 2048 with --fused)")
-    ap.add_argument("--chunk", type=int, default=32, help="tokens per chunk (ours)")
+                    help="batch x sequence positions (default 512; 1024 with --fused)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="tokens per chunk (ours; default 32, 64 with --fused)")
     ap.add_argument("--kind", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--fused", action="store_true",
@@ -163,7 +164,9 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tokens is None:
-        args.tokens = 2048 if args.fused else 512
+        args.tokens = 1024 if args.fused else 512
+    if args.chunk is None:
+        args.chunk = 64 if args.fused else 32
     if args.child:
         args.variant = args.child
         (_fused_child if args.fused else _child)(args)

@@ -39,11 +39,6 @@ from distillscale.distill.losses import KINDS, blend, per_sequence_mean
 _LOG2 = math.log(2.0)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) for [c, V] tensors without a [c, V] product temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
-
-
 def _divergence_and_grad(ls: torch.Tensor, lt: torch.Tensor, kind: str):
     """Per-token divergence [c] between the log-probabilities [c, V] and its gradient with
     respect to the student's (temperature-scaled) logits [c, V]. Consumes `ls` and `lt`
@@ -56,26 +51,27 @@ def _divergence_and_grad(ls: torch.Tensor, lt: torch.Tensor, kind: str):
     (softmax's Jacobian applied to dD/dp_s; checked against autograd through
     `losses.token_divergence` in the tests).
     """
+    # Row sums are torch's (a BLAS dot over 128k fp32 terms measured 1e-4 off); products are
+    # formed in place so the sums need no temporary.
     if kind == "forward_kl":
         g = ls.exp()
-        diff = ls.sub_(lt)  # log p_s - log p_t
-        pt = lt.exp_()
-        d = _rowdot(pt, diff).neg_()
+        pt = lt.exp()
+        d = lt.sub_(ls).mul_(pt).sum(-1)  # sum p_t (log p_t - log p_s)
         return d, g.sub_(pt)
     if kind == "reverse_kl":
         ps = ls.exp()
-        diff = ls.sub_(lt)
+        prod = ls.sub_(lt).mul_(ps)  # p_s (log p_s - log p_t)
         del lt
-        d = _rowdot(ps, diff)
-        return d, diff.sub_(d.unsqueeze(-1)).mul_(ps)
+        d = prod.sum(-1)
+        return d, prod.sub_(ps.mul_(d.unsqueeze(-1)))
     log_m = torch.logaddexp(ls, lt).sub_(_LOG2)
     pt = lt.exp()
-    kl_t = _rowdot(pt, lt.sub_(log_m))
+    kl_t = lt.sub_(log_m).mul_(pt).sum(-1)
     del pt, lt
     ps = ls.exp()
     h = ls.sub_(log_m).mul_(0.5)  # (log p_s - log m) / 2
     del log_m
-    half_kl_s = _rowdot(ps, h)
+    half_kl_s = (ps * h).sum(-1)
     return 0.5 * kl_t + half_kl_s, h.sub_(half_kl_s.unsqueeze(-1)).mul_(ps)
 
 
