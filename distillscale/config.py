@@ -296,12 +296,21 @@ class LossConfig(Strict):
     # Divergence between teacher and student (distillscale/distill/losses.py).
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: Annotated[float, Field(gt=0)] = 1.0
-    # Weight of the KL term against the CE anchor on gold answer tokens (blended CoT).
-    alpha: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Weight of the KL term against the CE anchor on gold answer tokens. Unset: 1.0 (pure KD)
+    # for label / cot_short / cot_long, 0.5 for blended_cot, whose CE anchor is what makes it
+    # blended (resolved when the config loads, so manifests record the value used).
+    alpha: Annotated[float, Field(ge=0, le=1)] | None = None
     alpha_warmup_steps: Annotated[int, Field(ge=0)] = 0
     # > 0: compute the divergence this many tokens at a time, never holding full-vocabulary fp32
     # logits for the whole batch (TP=1; tools/bench_kd_loss.py measures it). 0: ModelOpt's KL.
     chunk_tokens: Annotated[int, Field(ge=0)] = 0
+
+
+# Which teacher thinking depth feeds each supervision format (`None`: no trace).
+FORMAT_DEPTH = {"label": None, "cot_short": "cot_short", "cot_long": "cot_long",
+                "blended_cot": "cot_long"}
+# Default KL weight of blended CoT: trace KL and answer CE weighted equally.
+BLENDED_COT_ALPHA = 0.5
 
 
 class DistillConfig(Strict):
@@ -327,6 +336,16 @@ class DistillConfig(Strict):
     seq_length: Annotated[int, Field(gt=0)] | None = None
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=1e-3, min_lr=1e-4)
+
+    @model_validator(mode="after")
+    def _resolve_alpha(self) -> DistillConfig:
+        if self.loss.alpha is None:
+            self.loss.alpha = BLENDED_COT_ALPHA if self.supervision == "blended_cot" else 1.0
+        elif self.supervision == "blended_cot" and self.loss.alpha == 1.0:
+            raise ValueError("supervision=blended_cot with loss.alpha=1 has no CE anchor (it is "
+                             "cot_long's KL on the trace alone); set loss.alpha < 1 or leave it "
+                             f"unset ({BLENDED_COT_ALPHA})")
+        return self
 
     @model_validator(mode="after")
     def _check_cache_loss(self) -> DistillConfig:
@@ -447,6 +466,7 @@ class ExperimentConfig(Strict):
                 err = _shape_error(arch, s.shape)
                 if err:
                     raise ValueError(f"students.{i}.shape: {err}")
+        self._check_supervision()
         tp = self.launch.tensor_parallel
         if tp > 1 and arch is not None and arch.num_query_groups % tp:
             raise ValueError(
@@ -454,6 +474,28 @@ class ExperimentConfig(Strict):
                     f"teacher.arch.num_query_groups ({arch.num_query_groups})"
                 )
         return self
+
+    def _check_supervision(self) -> None:
+        """What distillation asks of the supervision stage must be what it produces."""
+        d, sup = self.distill, self.teacher.supervision
+        depth = FORMAT_DEPTH[d.supervision]
+        if depth is not None and self.students:
+            if depth not in sup.depths:
+                raise ValueError(f"distill.supervision={d.supervision} trains on the teacher's "
+                                 f"{depth!r} traces, but teacher.supervision.depths is "
+                                 f"{sup.depths}")
+            if "train" not in sup.splits:
+                raise ValueError(f"distill.supervision={d.supervision} needs 'train' in "
+                                 f"teacher.supervision.splits (got {sup.splits})")
+        if d.teacher_logits == "cache" and self.students:
+            if d.supervision not in sup.cache.formats:
+                raise ValueError(f"distill.teacher_logits=cache with supervision="
+                                 f"{d.supervision} needs {d.supervision!r} in "
+                                 f"teacher.supervision.cache.formats (got {sup.cache.formats})")
+            if d.backend == "bridge":
+                raise ValueError("distill.teacher_logits=cache runs on the local backend only "
+                                 "(Bridge's distillation always runs the co-located teacher); "
+                                 "use teacher_logits=online with backend=bridge")
 
     @property
     def run_dir(self) -> Path:

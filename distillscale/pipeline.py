@@ -333,6 +333,9 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
         answer_logprobs,
         distill,
         load_cached_teacher,
+        mask_token_counts,
+        supervised_kl,
+        supervised_logprobs,
     )
     from distillscale.models.checkpoint import load_model, save_model
     from distillscale.models.megatron_gpt import count_params
@@ -344,15 +347,21 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
     # One tokenizer (else an error); differently padded vocabularies are compared on its real
     # range (None: same padding, nothing to align).
     real_vocab = aligned_vocab(tok, src, vocab, s_vocab)
-    if cfg.distill.supervision == "label":
-        train_rows = load_split(p.data, "train")
-    else:  # rows with the teacher's traces, from the supervision stage
-        from distillscale.teacher.supervision import load_supervision_rows
-
-        train_rows = load_supervision_rows(p.root, "train", cfg.distill.supervision)
+    train_rows = _train_rows(cfg, p)
     val_rows = load_split(p.data, "val")
     teacher_val = answer_logprobs(teacher, encoder, val_rows, real_vocab=real_vocab)
     kl_before = answer_kl(model, teacher_val, encoder, val_rows, real_vocab=real_vocab)
+    # The format's own supervised tokens (trace + answer; the trace for blended CoT) on held-out
+    # rows with the teacher's traces, when the supervision stage covered the val split.
+    fmt = cfg.distill.supervision
+    fmt_val = _format_val_rows(cfg, p)
+    teacher_fmt = fmt_kl_before = None
+    if fmt_val:
+        teacher_fmt = supervised_logprobs(teacher, encoder, fmt_val, fmt, real_vocab=real_vocab)
+        fmt_kl_before = supervised_kl(model, teacher_fmt, encoder, fmt_val, fmt, real_vocab)
+    masks = mask_token_counts(encoder, train_rows, fmt)
+    if cfg.distill.loss.alpha == 1.0:
+        masks["ce_term"] = 0  # no CE anchor: the KL term alone
     cached = None
     if cfg.distill.teacher_logits == "cache":
         cached = load_cached_teacher(cfg, p.supervision, p.teacher, train_rows)
@@ -374,6 +383,8 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
                 tensorboard_dir=tb, cached=cached, real_vocab=real_vocab,
             )
         kl_after = answer_kl(plain, teacher_val, encoder, val_rows, real_vocab=real_vocab)
+        fmt_kl_after = (supervised_kl(plain, teacher_fmt, encoder, fmt_val, fmt, real_vocab)
+                        if fmt_val else None)
         save_model(plain, arch, s_vocab, out.path)
         note = _export_hf(plain, arch, s_vocab, tok, out.path)
         (out.path / "checkpoints" / "last.pt").unlink(missing_ok=True)
@@ -382,6 +393,11 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
             "method": cfg.distill.method, "supervision": cfg.distill.supervision,
             "teacher_logits": cfg.distill.teacher_logits, "aligned_vocab": real_vocab,
             "schedule": cfg.prune.schedule, "step": step, "steps": len(steps),
+            "loss": cfg.distill.loss.model_dump(mode="json"), "mask_tokens": masks,
+            # KL on the format's supervised tokens of held-out rows (for label: the answer KL).
+            "val_kl_supervised_before": kl_before if fmt == "label" else fmt_kl_before,
+            "val_kl_supervised_after": kl_after if fmt == "label" else fmt_kl_after,
+            "val_kl_supervised_rows": len(val_rows) if fmt == "label" else len(fmt_val or []),
             "history": history,
         })
         if note:
@@ -395,8 +411,36 @@ def run_distill(cfg: ExperimentConfig, student: StudentTarget, step: int | None 
 
                 # A pruned student must actually be faster: CPU prefill speed vs the teacher.
                 out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))
-    console.print(f"distill {label}: val KL(teacher||student) {kl_before:.4f} -> {kl_after:.4f}")
+    extra = ""
+    if fmt_val:
+        extra = f"; on {fmt} tokens {fmt_kl_before:.4f} -> {fmt_kl_after:.4f}"
+    console.print(f"distill {label}: val KL(teacher||student) {kl_before:.4f} -> "
+                  f"{kl_after:.4f}{extra}")
     return out_dir
+
+
+# Held-out rows on which a trace format's supervised-token KL is measured (bounded: the
+# per-token log-probabilities over the vocabulary are kept for the teacher).
+FORMAT_VAL_ROWS = 64
+
+
+def _format_val_rows(cfg: ExperimentConfig, p: Paths) -> list[dict] | None:
+    """Val rows with the teacher's traces for a trace format (None: label, or val not supervised)."""
+    if cfg.distill.supervision == "label" or not (p.supervision / "val.jsonl").is_file():
+        return None
+    from distillscale.teacher.supervision import load_supervision_rows
+
+    return load_supervision_rows(p.supervision, "val", cfg.distill.supervision)[:FORMAT_VAL_ROWS]
+
+
+def _train_rows(cfg: ExperimentConfig, p: Paths) -> list[dict]:
+    """The distillation rows: the data split for `label`, else the supervision stage's rows with
+    the teacher's traces at the format's depth (`supervision/train.jsonl`)."""
+    if cfg.distill.supervision == "label":
+        return load_split(p.data, "train")
+    from distillscale.teacher.supervision import load_supervision_rows
+
+    return load_supervision_rows(p.supervision, "train", cfg.distill.supervision)
 
 
 def _run_distill_bridge(cfg: ExperimentConfig, src: Path, out_dir: Path, h: str, inputs: dict,
@@ -406,20 +450,24 @@ def _run_distill_bridge(cfg: ExperimentConfig, src: Path, out_dir: Path, h: str,
     from distillscale.distill.bridge import distill_bridge
 
     p = Paths(cfg)
-    if cfg.distill.supervision == "label":
-        train_rows = load_split(p.data, "train")
-    else:
+    train_rows = _train_rows(cfg, p)
+    # Validation rows carry the teacher's traces only when the supervision stage covered the
+    # val split; otherwise Bridge validates on the label format (the answer tokens).
+    val_sup = p.supervision / "val.jsonl"
+    if cfg.distill.supervision != "label" and val_sup.is_file():
         from distillscale.teacher.supervision import load_supervision_rows
 
-        train_rows = load_supervision_rows(p.root, "train", cfg.distill.supervision)
-    val_rows = load_split(p.data, "val")
+        val_rows, val_format = (load_supervision_rows(p.supervision, "val", cfg.distill.supervision),
+                                cfg.distill.supervision)
+    else:
+        val_rows, val_format = load_split(p.data, "val"), "label"
     with atomic_stage(out_dir, "distill", h, inputs) as out:
         # An HF teacher used as is (teacher.source=hf) may have no export in the stage folder.
         teacher_hf = p.teacher / "hf"
         if not (teacher_hf / "config.json").is_file() and cfg.teacher.hf_path:
             teacher_hf = Path(cfg.teacher.hf_path)
         out.metrics.update(distill_bridge(cfg, src / "hf", teacher_hf, out.path,
-                                          train_rows, val_rows))
+                                          train_rows, val_rows, val_format=val_format))
         out.metrics.update({"method": cfg.distill.method, "supervision": cfg.distill.supervision,
                             "schedule": cfg.prune.schedule, "step": step, "steps": n_steps})
     console.print(f"distill {label}: Megatron-Bridge backend done")
@@ -523,7 +571,7 @@ def run_eval(cfg: ExperimentConfig) -> Path:
     return p.eval
 
 
-RESULT_COLUMNS = ("model", "params", "compression_ratio", "schedule", "step", "method",
+RESULT_COLUMNS = ("model", "params", "compression_ratio", "axis", "schedule", "step", "method",
                   "supervision", "dataset_size", "seed", "metric", "value", "ci_low", "ci_high",
                   "manifest_hash")
 

@@ -34,6 +34,13 @@ done
 [[ -n "${SWEEP}" ]] || ds_die "sweep.sh: --sweep is required"
 
 PY="$(ds_host_python)"
+if [[ "${LOCAL}" == 1 && "${DRY_RUN}" == 0 ]]; then
+  # The same chain on this machine, in one process: every pending data/teacher setup, every
+  # cell, then the sweep's fit and report (the stack's start-up is paid once, not per cell).
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NEMO_TELEMETRY_ENABLED=false TOKENIZERS_PARALLELISM=false
+  cd "${DS_REPO}"
+  exec "${PY}" -m distillscale.cli launch sweep "${SWEEP}" --run-here -- "${OVERRIDES[@]}"
+fi
 if ! PLAN="$(cd "${DS_REPO}" && "${PY}" -m distillscale.cli launch sweep "${SWEEP}" -- "${OVERRIDES[@]}")"; then
   echo "error: sweep.sh: the sweep was refused (message above); nothing was submitted" >&2
   exit 2

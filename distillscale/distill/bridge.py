@@ -330,15 +330,17 @@ def sft_prompt(row: dict, supervision: str) -> str:
 
 
 def write_sft_jsonl(rows: list[dict], val_rows: list[dict], folder: Path,
-                    supervision: str) -> Path:
+                    supervision: str, val_format: str | None = None) -> Path:
     """`training.jsonl` / `validation.jsonl` with `input` / `output` (Bridge's prompt-completion
-    schema; the loss is on the output only)."""
+    schema; the loss is on the output only). Validation rows are written in `val_format`
+    (default: the training format); `label` for validation rows without teacher traces."""
     from distillscale.manifest import write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, part in (("training.jsonl", rows), ("validation.jsonl", val_rows)):
-        lines = [json.dumps({"input": sft_prompt(r, supervision),
-                             "output": sft_completion(r, supervision)}) for r in part]
+    for name, part, fmt in (("training.jsonl", rows, supervision),
+                            ("validation.jsonl", val_rows, val_format or supervision)):
+        lines = [json.dumps({"input": sft_prompt(r, fmt),
+                             "output": sft_completion(r, fmt)}) for r in part]
         write_text_atomic(folder / name, "\n".join(lines) + "\n")
     return folder
 
@@ -406,7 +408,8 @@ def config_container(cfg: ExperimentConfig, student_hf: str | Path, teacher_hf: 
 
 
 def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, out_dir: Path,
-                   train_rows: list[dict], val_rows: list[dict]) -> dict[str, Any]:
+                   train_rows: list[dict], val_rows: list[dict],
+                   val_format: str | None = None) -> dict[str, Any]:
     """Distill on GPUs through Megatron-Bridge and export `out_dir/hf`; returns manifest metrics.
     Every rank calls it (Bridge initialises torch.distributed from RANK / WORLD_SIZE)."""
     from distillscale.manifest import writer_path
@@ -416,7 +419,8 @@ def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, ou
     # Each rank reads its own copy of the (small, deterministic) JSONL from its own stage folder,
     # so no rank waits on another before Bridge initialises torch.distributed; checkpoints are
     # sharded across ranks and live in rank 0's folder, which every rank names the same way.
-    sft = write_sft_jsonl(train_rows, val_rows, out_dir / "sft", cfg.distill.supervision)
+    sft = write_sft_jsonl(train_rows, val_rows, out_dir / "sft", cfg.distill.supervision,
+                          val_format)
     shared = writer_path(out_dir)
     container = config_container(cfg, student_hf, teacher_hf, shared, world, dataset_root=sft)
     from megatron.bridge.training.distill import distill

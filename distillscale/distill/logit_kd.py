@@ -360,3 +360,45 @@ def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_
         raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
                                  f"{tuple(ls.shape)} differ: pass real_vocab")
     return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)
+
+
+@torch.no_grad()
+def supervised_logprobs(model, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                        batch_size: int = 64, real_vocab: int | None = None) -> list[torch.Tensor]:
+    """Per row, [n, V] log-probabilities at the tokens the format's divergence covers
+    (`kl_mask_for`: trace + answer, the trace alone for blended CoT; T=1)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        sup = supervision_batch(encoder, rows[i : i + batch_size], fmt)
+        logits = forward_logits(model, sup.tokens)
+        if real_vocab is not None:
+            logits = logits[..., :real_vocab]
+        lp = logits.float().log_softmax(-1)
+        mask = kl_mask_for(sup, fmt) > 0
+        out += [lp[j][mask[j]] for j in range(len(lp))]
+    return out
+
+
+@torch.no_grad()
+def supervised_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                  real_vocab: int | None = None) -> float:
+    """Mean KL(p_teacher || p_student) per supervised token of format `fmt` over `rows` (T=1):
+    the quantity the format's distillation minimises, on held-out rows. `teacher` is a model or
+    its `supervised_logprobs` (computed once, before a cached run frees the teacher)."""
+    lt = teacher if isinstance(teacher, list) else supervised_logprobs(
+        teacher, encoder, rows, fmt, real_vocab=real_vocab)
+    ls = supervised_logprobs(student, encoder, rows, fmt, real_vocab=real_vocab)
+    total = sum(F.kl_div(s, t, reduction="sum", log_target=True).item() for s, t in zip(ls, lt))
+    return total / max(sum(len(t) for t in lt), 1)
+
+
+def mask_token_counts(encoder: PromptEncoder, rows: list[dict], fmt: str) -> dict[str, int]:
+    """Tokens under each mask of format `fmt` over `rows`, and which of them the KL and CE terms
+    cover (the manifest's record of what the blended loss was computed on)."""
+    sup = supervision_batch(encoder, rows, fmt)
+    kl = kl_mask_for(sup, fmt)
+    return {"prompt": int(sup.prompt_mask.sum()), "trace": int(sup.trace_mask.sum()),
+            "answer": int(sup.answer_mask.sum()), "kl_term": int(kl.sum()),
+            "kl_term_trace": int((kl * sup.trace_mask).sum()),
+            "kl_term_answer": int((kl * sup.answer_mask).sum()),
+            "ce_term": int(sup.answer_mask.sum())}

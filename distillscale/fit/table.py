@@ -36,6 +36,9 @@ from distillscale.manifest import write_json_atomic, write_text_atomic
 
 X_COLUMNS = ("compression_ratio", "dataset_size")
 CONDITIONS = ("method", "supervision", "schedule")
+# Conditions that split curves only when the table has them: a curve never mixes pruning axes
+# (depth and width students of the same size are different models).
+OPTIONAL_CONDITIONS = ("axis",)
 IN_DOMAIN = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy")
 GENERAL = ("mmlu", "mmlu_pro")
 # Chance levels: 4-way MMLU, 10-way MMLU-Pro. In-domain: 1 / number of classes.
@@ -136,7 +139,10 @@ def _groups(df: pd.DataFrame, x: str) -> list[tuple[dict, pd.DataFrame]]:
     if "compression_ratio" in other:
         # Students of "the same size" across runs differ in the last digits of their ratio.
         df["compression_ratio"] = df["compression_ratio"].round(2)
-    keys = list(CONDITIONS) + other
+    keys = list(CONDITIONS) + [c for c in OPTIONAL_CONDITIONS if c in df.columns] + other
+    for c in OPTIONAL_CONDITIONS:
+        if c in df.columns:
+            df[c] = df[c].fillna("none").astype(str)
     teacher = pd.Series(False, index=df.index)
     if x == "compression_ratio":
         teacher = (df["compression_ratio"] >= 0.999) & (df["method"] == "none")

@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     w = lsub.add_parser("sweep", help="expand a sweep grid into cells and array task lists")
     w.add_argument("sweep", type=Path)
     w.add_argument("overrides", nargs="*", help="key.sub=value, applied to every cell")
+    w.add_argument("--run-here", action="store_true",
+                   help="run every pending upstream and cell in this process, then the sweep's "
+                        "fit and report (launchers/sweep.sh --local)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         for c in plan["cells"]:
             table.add_row(c["id"], c["upstream"], "done (skipped)" if c["done"] else "pending")
         stderr_console().print(table)
+        if args.run_here:
+            from distillscale.launch.sweep import run_sweep_here
+
+            run_sweep_here(plan)
+            return _fit_sweep(load_config(plan["fit_config"]))
         out = {
             "ROOT": plan["root"], "CELL_LIST": plan["cell_list"],
             "UPSTREAM_LIST": plan["upstream_list"], "FIT_CONFIG": plan["fit_config"],

@@ -51,9 +51,11 @@ DONE_MARKER = "launch_done.json"
 # where it runs.
 RESULT_SECTIONS = ("domain", "data", "teacher", "students", "prune", "distill", "eval", "fit",
                    "seed")
-# What the shared data + teacher folders depend on, plus `distill.supervision` (the teacher's
-# traces differ by format); cells differing only downstream of the teacher share one upstream.
+# What the shared data + teacher + supervision folders depend on; cells differing only
+# downstream of the teacher share one upstream.
 UPSTREAM_SECTIONS = ("domain", "data", "teacher", "seed")
+# The stage folders a cell links from its upstream.
+UPSTREAM_STAGES = ("data", "teacher", "supervision")
 
 
 class SweepConfig(Strict):
@@ -67,6 +69,9 @@ class SweepConfig(Strict):
     methods: list[str] = Field(default=["logit_kd"], min_length=1)
     supervisions: list[str] = Field(default=["label"], min_length=1)
     schedules: list[str] = Field(default=["one_shot"], min_length=1)
+    # Repeats of every cell with another seed (data, teacher and students); unset: the base
+    # experiment's seed only. Paired seeds are what the report's findings compare.
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -78,8 +83,10 @@ def load_sweep(path: str | Path) -> SweepConfig:
     return sweep.model_copy(update={"base": str(base)})
 
 
-def cell_id(size: int, ratio: float, axis: str, method: str, supervision: str, schedule: str) -> str:
-    return f"n{size}-{axis}{ratio:g}-{method}-{supervision}-{schedule}"
+def cell_id(size: int, ratio: float, axis: str, method: str, supervision: str, schedule: str,
+            seed: int | None = None) -> str:
+    cid = f"n{size}-{axis}{ratio:g}-{method}-{supervision}-{schedule}"
+    return cid if seed is None else f"{cid}-s{seed}"
 
 
 def result_hash(cfg: ExperimentConfig) -> str:
@@ -105,12 +112,13 @@ def mark_done(cfg: ExperimentConfig) -> Path:
 
 
 def _upstream_hash(cfg: ExperimentConfig) -> str:
-    key = f"{cfg.section_hash(*UPSTREAM_SECTIONS)}:{cfg.distill.supervision}"
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
+    # The supervision stage writes every depth of teacher.supervision for every format, so
+    # cells that differ in distill.supervision share one upstream.
+    return hashlib.sha256(cfg.section_hash(*UPSTREAM_SECTIONS).encode()).hexdigest()[:8]
 
 
 def _upstream_done(folder: Path) -> bool:
-    return all((folder / stage / MANIFEST).is_file() for stage in ("data", "teacher"))
+    return all((folder / stage / MANIFEST).is_file() for stage in UPSTREAM_STAGES)
 
 
 def _link(link: Path, target: Path) -> None:
@@ -130,10 +138,10 @@ def plan_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> di
     sweep = load_sweep(path)
     root = Path(sweep.output_dir or f"runs/sweeps/{sweep.name}")
     cells, upstreams = [], {}
-    grid = itertools.product(sweep.dataset_sizes, sweep.compression_ratios, sweep.axes,
-                             sweep.methods, sweep.supervisions, sweep.schedules)
-    for size, ratio, axis, method, supervision, schedule in grid:
-        cid = cell_id(size, ratio, axis, method, supervision, schedule)
+    grid = itertools.product(sweep.seeds or [None], sweep.dataset_sizes, sweep.compression_ratios,
+                             sweep.axes, sweep.methods, sweep.supervisions, sweep.schedules)
+    for seed, size, ratio, axis, method, supervision, schedule in grid:
+        cid = cell_id(size, ratio, axis, method, supervision, schedule, seed)
         student = {"name": f"{axis}_{ratio:g}", "axis": axis, "compression_ratio": ratio}
         overrides = [
             *sweep.overrides, *(extra_overrides or []),
@@ -141,13 +149,14 @@ def plan_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> di
             f"students={json.dumps([student])}", f"distill.method={method}",
             f"distill.supervision={supervision}", f"prune.schedule={schedule}",
             f"output_dir={root / 'cells' / cid}",
+            *([] if seed is None else [f"seed={seed}"]),
         ]
         try:
             cfg = load_config(sweep.base, overrides)
         except ConfigError as e:
             # Name the cell: the overrides came from the sweep file, not the command line.
             raise ConfigError(f"{path}: cell {cid}: {str(e).replace(CMDLINE + ': ', '')}") from None
-        ukey = f"n{size}-{_upstream_hash(cfg)}"
+        ukey = f"n{size}-{_upstream_hash(cfg)}" + ("" if seed is None else f"-s{seed}")
         udir = root / "upstream" / ukey
         if ukey not in upstreams:
             ucfg = cfg.model_copy(update={"output_dir": str(udir), "students": [],
@@ -166,7 +175,7 @@ def plan_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> di
     for c in pending:
         write_text_atomic(Path(c["config"]), config_to_yaml(c["cfg"]))
         udir = Path(upstreams[c["upstream"]]["dir"])
-        for stage in ("data", "teacher"):
+        for stage in UPSTREAM_STAGES:
             _link(Path(c["dir"]) / stage, udir / stage)
     plan_dir = root / "plan"
     write_text_atomic(plan_dir / "upstream.txt", "".join(u["config"] + "\n" for u in pending_up))
@@ -185,6 +194,36 @@ def plan_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> di
     write_text_atomic(root / "fit.yaml", config_to_yaml(base_cfg))
     write_json_atomic(plan_dir / "plan.json", plan)
     return plan
+
+
+def run_sweep_here(plan: dict) -> None:
+    """Every pending upstream and cell of `plan`, in turn, in this one process (the `--local`
+    path of launchers/sweep.sh): the same stages the Slurm array tasks run, without paying the
+    stack's start-up (about 20 s of imports) once per cell and stage. A cell's own fit and report
+    are left to the sweep's fit, which covers every cell together."""
+    from rich.progress import Progress
+
+    from distillscale import pipeline
+
+    ups = [u for u in plan["upstreams"] if not u["done"]
+           and any(c["upstream"] == u["key"] and not c["done"] for c in plan["cells"])]
+    cells = [c for c in plan["cells"] if not c["done"]]
+    with Progress(transient=False) as progress:
+        task = progress.add_task("sweep", total=len(ups) + len(cells))
+        for u in ups:
+            cfg = load_config(u["config"])
+            progress.update(task, description=f"upstream {u['key']}")
+            pipeline.run_data(cfg)
+            pipeline.run_teacher(cfg)
+            progress.advance(task)
+        for c in cells:
+            cfg = load_config(c["config"])
+            progress.update(task, description=f"cell {c['id']}")
+            for s in cfg.students:
+                pipeline.run_distill(cfg, s)
+            pipeline.run_eval(cfg)
+            mark_done(cfg)
+            progress.advance(task)
 
 
 def collect_results(root: Path) -> Path:

@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
+from distillscale.config import FORMAT_DEPTH  # noqa: F401  (re-exported)
 from distillscale.tokenizer import PromptEncoder
 
-FORMATS = ("label", "cot_short", "cot_long", "blended_cot")
-# Which teacher thinking depth feeds each format (`None`: no trace).
-FORMAT_DEPTH = {"label": None, "cot_short": "cot_short", "cot_long": "cot_long",
-                "blended_cot": "cot_long"}
+FORMATS = tuple(FORMAT_DEPTH)
 
 
 @dataclass
