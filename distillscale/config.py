@@ -304,6 +304,11 @@ class LossConfig(Strict):
     # > 0: compute the divergence this many tokens at a time, never holding full-vocabulary fp32
     # logits for the whole batch (TP=1; tools/bench_kd_loss.py measures it). 0: ModelOpt's KL.
     chunk_tokens: Annotated[int, Field(ge=0)] = 0
+    # Local online path: `logits` compares the two models' output-layer logits (ModelOpt's
+    # DistillationModel); `fused_head` feeds their last hidden states and head weights to
+    # distillscale/distill/fused_kd.py, which computes the logits `chunk_tokens` tokens at a
+    # time (0: 64) and never holds [tokens, vocab] of either (TP=1; same loss, less memory).
+    implementation: Literal["logits", "fused_head"] = "logits"
 
 
 # Which teacher thinking depth feeds each supervision format (`None`: no trace).

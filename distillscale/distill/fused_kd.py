@@ -191,3 +191,66 @@ def fused_blended_cot_loss(
     if ce is not None:
         logs["ce"] = float(ce.detach())
     return loss, logs
+
+
+# ---------------------------------------------------------------------------------------------
+# The local online path (`distill.loss.implementation: fused_head`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidden_and_head(hidden_states, output_layer, output_weight, **_):
+    # megatron-core's `output_processor` hook: called with the decoder's final (normed) hidden
+    # states in place of the output layer; `output_weight` is the embedding when tied.
+    return hidden_states, output_layer.weight if output_weight is None else output_weight
+
+
+class FusedHeadKD:
+    """The online KD terms of `logit_kd.distill` with the head fused into the loss.
+
+    Both Megatron GPTModels run up to their output layer (megatron-core's `output_processor`
+    hook hands over the last hidden states [s, b, h] and the head weight, tied or not); the
+    teacher without gradient. The divergence over `kl_mask` and the CE anchor over
+    `answer_mask` are `fused_blended_cot_loss`'s, so the values are `blended_cot_loss`'s on
+    the full logits."""
+
+    def __init__(self, student, teacher, loss_cfg, real_vocab: int | None = None):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "distill.loss.implementation=fused_head: tensor_parallel=1 only (each rank holds "
+                "a vocabulary shard of the head); use implementation=logits under TP")
+        for who, m in (("student", student), ("teacher", teacher)):
+            if getattr(m.config, "use_mup", False) or m.output_layer.bias is not None:
+                raise NotImplementedError(
+                    f"distill.loss.implementation=fused_head: the {who}'s output layer has a "
+                    "bias or MuP logit scaling; use implementation=logits")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        self.student, self.teacher, self.cfg, self.real_vocab = student, teacher, loss_cfg, real_vocab
+        self.chunk = loss_cfg.chunk_tokens or 64
+
+    def _forward(self, model, tokens):
+        from distillscale.models.megatron_gpt import causal_mask
+
+        b, s = tokens.shape
+        pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),
+                               output_processor=_hidden_and_head)
+        if self.real_vocab is not None:
+            weight = weight[: self.real_vocab]
+        return hidden.transpose(0, 1), weight
+
+    def __call__(self, tokens, kl_mask, targets, answer_mask, with_ce: bool):
+        """(T^2 * per-sequence mean divergence over `kl_mask`, answer CE or None)."""
+        hs, ws = self._forward(self.student, tokens)
+        with torch.no_grad():
+            ht, wt = self._forward(self.teacher, tokens)
+        b, s = kl_mask.shape
+        t = self.cfg.temperature
+        kl, _ = fused_head_divergence(
+            hs.reshape(b * s, -1), ws, ht.reshape(b * s, -1), wt,
+            per_sequence_weights(kl_mask).reshape(-1), self.cfg.kind, t, self.chunk)
+        ce = fused_answer_ce(hs, ws, targets, answer_mask) if with_ce else None
+        return kl * t**2, ce

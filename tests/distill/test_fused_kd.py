@@ -192,3 +192,37 @@ def test_bench_kd_loss_fused_last_line():
     assert ratio == pytest.approx(ours / naive, rel=1e-2)
     assert wr == pytest.approx(ow / nw, rel=1e-2)
     assert ratio < 0.5 and diff <= 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
+    """`distill.loss.implementation=fused_head` through `logit_kd.distill`: the whole run (KL on
+    the trace, CE anchor, T^2, masks, optimizer steps) follows the ModelOpt logits run step by
+    step, tied and untied heads, and returns a plain student."""
+    from test_cache_kd import ARCH, ROWS, SMALL, Encoder, _cfg
+
+    from distillscale.distill.logit_kd import distill
+    from distillscale.models.megatron_gpt import build_gpt
+
+    arch = ARCH.model_copy(update={"tie_word_embeddings": tied})
+    small = SMALL.model_copy(update={"tie_word_embeddings": tied})
+    torch.manual_seed(0)
+    teacher = build_gpt(arch, 64)
+    with torch.no_grad():
+        teacher.embedding.word_embeddings.weight.mul_(4) if tied else \
+            teacher.output_layer.weight.mul_(8)
+    torch.manual_seed(1)
+    state = build_gpt(small, 64).state_dict()
+    runs = {}
+    for impl in ("logits", "fused_head"):
+        student = build_gpt(small, 64)
+        student.load_state_dict(state)
+        cfg = _cfg(temperature=2.0, alpha=0.7, kind=kind, implementation=impl)
+        plain, runs[impl] = distill(student, teacher, Encoder(), ROWS, cfg, 0,
+                                    tmp_path / f"{impl}.pt", impl)
+        assert not any("teacher" in k for k in plain.state_dict())
+    for a, b in zip(runs["logits"], runs["fused_head"], strict=True):
+        for key in ("kl", "ce", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert runs["fused_head"][-1]["kl"] < runs["fused_head"][0]["kl"]
