@@ -195,6 +195,12 @@ class LogitCacheConfig(Strict):
     # Tokens drawn from the teacher's tail per position (an unbiased tail-KL estimate; HF
     # backend only). 0: the tail is one merged bucket.
     tail_samples: Annotated[int, Field(ge=0)] = 0
+    # How shards store a token (distillscale/teacher/logit_cache.py): `fp16` bit-packed ids and
+    # float16 log-probabilities; `quantized` sorted delta-coded ids and log-probabilities as
+    # `logprob_bits`-bit steps below the top-1 (tools/bench_logit_cache.py --budget measures
+    # bytes per token against KL error; docs/benchmarks-kd.md has the frontier).
+    encoding: Literal["fp16", "quantized"] = "fp16"
+    logprob_bits: Annotated[int, Field(ge=2, le=16)] = 6
     # Shared by every run and student (entries are keyed by a content hash); default:
     # `logit_cache/` next to the run folder, i.e. runs/logit_cache.
     dir: str | None = None
