@@ -113,7 +113,7 @@ def pack_gaps(values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     kept as two streams so both decode without a per-value loop: the low r bits of each value
     bit-packed, then each high part as that many 1 bits and a 0. r minimises the total."""
     v = np.asarray(values, dtype=np.int64).ravel()
-    best = min(range(0, 25), key=lambda r: v.size * (r + 1) + int((v >> r).sum()))
+    best = min(range(25), key=lambda r: v.size * (r + 1) + int((v >> r).sum()))
     high = v >> best
     stream = np.ones(int(high.sum()) + v.size, dtype=np.uint8)
     stream[np.cumsum(high + 1) - 1] = 0
