@@ -239,6 +239,12 @@ class LogitCacheConfig(Strict):
     # Tokens drawn from the teacher's tail per position (an unbiased tail-KL estimate; HF
     # backend only). 0: the tail is one merged bucket.
     tail_samples: Annotated[int, Field(ge=0)] = 0
+    # How shards store a token (distillscale/teacher/logit_cache.py): `fp16` bit-packed ids and
+    # float16 log-probabilities; `quantized` sorted delta-coded ids and log-probabilities as
+    # `logprob_bits`-bit steps below the top-1 (tools/bench_logit_cache.py --budget measures
+    # bytes per token against KL error; docs/benchmarks-kd.md has the frontier).
+    encoding: Literal["fp16", "quantized"] = "fp16"
+    logprob_bits: Annotated[int, Field(ge=2, le=16)] = 6
     # Shared by every run and student (entries are keyed by a content hash); default:
     # `logit_cache/` next to the run folder, i.e. runs/logit_cache.
     dir: str | None = None
@@ -350,6 +356,11 @@ class LossConfig(Strict):
     # > 0: compute the divergence this many tokens at a time, never holding full-vocabulary fp32
     # logits for the whole batch (TP=1; tools/bench_kd_loss.py measures it). 0: ModelOpt's KL.
     chunk_tokens: Annotated[int, Field(ge=0)] = 0
+    # Local online path: `logits` compares the two models' output-layer logits (ModelOpt's
+    # DistillationModel); `fused_head` feeds their last hidden states and head weights to
+    # distillscale/distill/fused_kd.py, which computes the logits `chunk_tokens` tokens at a
+    # time (0: 64) and never holds [tokens, vocab] of either (TP=1; same loss, less memory).
+    implementation: Literal["logits", "fused_head"] = "logits"
 
 
 # Which teacher thinking depth feeds each supervision format (`None`: no trace).

@@ -11,8 +11,12 @@ vector in bfloat16 (2 bytes x vocabulary per token), measured in the same run.
 
     python tools/bench_logit_cache.py [--k 64 ...] [--tail-samples 16] [--steps 300]
                                       [--teacher HF_DIR --student HF_DIR]
+    python tools/bench_logit_cache.py --budget 60
 
-Last line: `bytes_per_token=<b> kl_rel_error=<e>` for the first --k with --tail-samples draws.
+Last line: `bytes_per_token=<b> kl_rel_error=<e>` for the first --k with --tail-samples draws;
+with --budget, for the lowest-error setting of the sweep (encodings `fp16` and `quantized`,
+k, tail draws, log-prob bits) within that many bytes per token, after the table of every
+setting sorted by size with the frontier (no smaller setting has a lower error) starred.
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ def main() -> int:
     ap.add_argument("--teacher", type=Path, help="HF checkpoint folder (default: train one)")
     ap.add_argument("--student", type=Path, help="HF checkpoint folder of a student")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=float,
+                    help="bytes per token: sweep encodings, k, tail draws and log-prob bits, "
+                         "print the frontier and, last, the lowest-error setting within it")
+    ap.add_argument("--shard-size", type=int, default=64,
+                    help="rows per shard (each adds its header's bytes)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,14 +151,12 @@ def main() -> int:
     baseline_bpt = 2 * vocab  # full logits in bfloat16
     print(f"teacher vocab {vocab}, {len(seqs)} held-out sequences, {tokens} tokens, "
           f"full-logit KL(teacher||student) {full / tokens:.4f} nats/token")
-    print(f"{'k':>5} {'tail draws':>10} {'bytes/token':>12} {'vs bf16 full':>13} {'tail mass':>10} "
-          f"{'KL cache':>10} {'rel error':>10}")
-    results = []
-    settings = [(k, m) for k in args.k for m in dict.fromkeys([args.tail_samples, 0])]
-    for k, m in settings:
-        cache = LogitCache(work / "cache", f"k{k}-m{m}")
+    def measure(k, m, encoding, bits):
+        name = f"k{k}-m{m}-{encoding}{bits if encoding != 'fp16' else ''}"
+        cache = LogitCache(work / "cache", name)
         build_cache(backend, seqs, spans, [str(i) for i in range(len(seqs))], k, cache,
-                    shard_size=64, tail_samples=m, seed=args.seed)
+                    shard_size=args.shard_size, tail_samples=m, seed=args.seed,
+                    encoding=encoding, logprob_bits=bits)
         rows = cache.load()
         approx = 0.0
         for i, s_lp in enumerate(s_logps):
@@ -162,15 +169,44 @@ def main() -> int:
                                     torch.from_numpy(r.tail_logprob), s_lp, **sampled).sum())
         tail_mass = float(np.mean([np.exp(r.tail_logprob).mean() for r in rows.values()]))
         bpt = cache.index()["bytes_per_token"]
-        err = abs(approx - full) / full
-        results.append((k, bpt, err))
-        print(f"{k:>5} {m:>10} {bpt:>12.1f} {baseline_bpt / bpt:>12.1f}x {tail_mass:>10.4f} "
-              f"{approx / tokens:>10.4f} "
-              f"{err:>10.5f}")
+        shutil.rmtree(cache.path, ignore_errors=True)
+        return {"k": k, "m": m, "encoding": encoding, "bits": bits if encoding != "fp16" else 16,
+                "bpt": bpt, "tail": tail_mass, "kl": approx / tokens,
+                "err": abs(approx - full) / full}
+
+    if args.budget is None:
+        settings = [(k, m, "fp16", 16) for k in args.k
+                    for m in dict.fromkeys([args.tail_samples, 0])]
+    else:  # the frontier: today's fp16 encoding and the quantized one over k, draws, bits
+        settings = [(k, m, "fp16", 16) for k in (16, 64) for m in (0, 16)]
+        settings += [(k, m, "quantized", b) for k in (4, 8, 16, 32) for m in (0, 2, 4, 8)
+                     for b in (3, 4, 5, 6, 8)]
+    results = []
+    for st in settings:
+        results.append(measure(*st))
+    results.sort(key=lambda r: r["bpt"])
+    best_err = float("inf")
+    print(f"{'encoding':>9} {'k':>4} {'tail draws':>10} {'lp bits':>7} {'bytes/token':>12} "
+          f"{'vs bf16 full':>13} {'tail mass':>10} {'KL cache':>10} {'rel error':>10} frontier")
+    for r in results:
+        front = r["err"] < best_err
+        best_err = min(best_err, r["err"])
+        r["frontier"] = front
+        print(f"{r['encoding']:>9} {r['k']:>4} {r['m']:>10} {r['bits']:>7} {r['bpt']:>12.1f} "
+              f"{baseline_bpt / r['bpt']:>12.1f}x {r['tail']:>10.4f} {r['kl']:>10.4f} "
+              f"{r['err']:>10.5f} {'*' if front else ''}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"({time.time() - t0:.0f}s)")
-    k, bpt, err = results[0]
-    print(f"bytes_per_token={bpt:.1f} kl_rel_error={err:.5f}")
+    if args.budget is None:
+        first = next(r for r in results if (r["k"], r["m"]) == settings[0][:2])
+    else:
+        within = [r for r in results if r["bpt"] <= args.budget]
+        if not within:
+            sys.exit(f"no configuration within {args.budget} bytes per token")
+        first = min(within, key=lambda r: r["err"])
+        print(f"best within {args.budget} B/token: encoding={first['encoding']} k={first['k']} "
+              f"tail_samples={first['m']} logprob_bits={first['bits']}")
+    print(f"bytes_per_token={first['bpt']:.1f} kl_rel_error={first['err']:.5f}")
     return 0
 
 

@@ -134,12 +134,18 @@ def distill(
     t2 = cfg.loss.temperature**2
     sup = supervision_batch(encoder, train_rows, cfg.supervision)
     kl_masks = kl_mask_for(sup, cfg.supervision)
+    fused = None
     if cached is not None:
         cached.check_spans(sup)
         # ModelOpt's DistillationModel runs a live teacher module inside the student's forward
         # and its criteria compare two logit tensors; a cached top-k is neither. So the cached
         # path is a plain student forward and `losses.cached_topk_kl` over the same KL mask,
         # temperature and CE anchor as the online path. The teacher is never in memory.
+        model = student
+    elif cfg.loss.implementation == "fused_head":
+        from distillscale.distill.fused_kd import FusedHeadKD
+
+        fused = FusedHeadKD(student, teacher, cfg.loss, real_vocab)  # no DistillationModel
         model = student
     else:
         model = make_kd_model(student, teacher, cfg, real_vocab)
@@ -148,7 +154,11 @@ def distill(
         tokens = sup.tokens[idx]
         b, s = tokens.shape
         kl_mask = kl_masks[idx]
-        if cached is not None:
+        alpha = alpha_at(step, cfg.loss.alpha, cfg.loss.alpha_warmup_steps)
+        ce = None
+        if fused is not None:
+            kl, ce = fused(tokens, kl_mask, sup.targets[idx], sup.answer_mask[idx], alpha < 1.0)
+        elif cached is not None:
             logits = forward_logits(model, tokens)  # [b, s, v], gathered over TP
             if real_vocab is not None:
                 logits = logits[..., :real_vocab]
@@ -176,9 +186,7 @@ def distill(
 
             losses = model.compute_kd_loss(loss_reduction_fn=reduce, skip_balancer=True)
             kl = sum(losses.values()) * t2
-        alpha = alpha_at(step, cfg.loss.alpha, cfg.loss.alpha_warmup_steps)
-        ce = None
-        if alpha < 1.0:  # the cached path's logits are gathered over TP: plain CE
+        if alpha < 1.0 and fused is None:  # the cached path's logits are gathered over TP
             ce = (answer_ce if cached is not None else _answer_ce)(
                 logits, sup.targets[idx], sup.answer_mask[idx])
         logs = {"kl": float(kl.detach()), "alpha": alpha}
@@ -189,7 +197,8 @@ def distill(
     params = [p for p in model.parameters() if p.requires_grad]
     result = train(model, params, loss_fn, len(train_rows), cfg.train, seed, checkpoint, desc,
                    eval_fn, tensorboard_dir=tensorboard_dir)
-    return (model if cached is not None else unwrap_student(model)), result.history
+    plain = cached is not None or fused is not None
+    return (model if plain else unwrap_student(model)), result.history
 
 
 # ---------------------------------------------------------------------------------------------

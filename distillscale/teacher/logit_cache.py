@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 INDEX = "index.json"
+# How a shard stores ids and log-probabilities (`LogitCache.write_shard`).
+ENCODINGS = ("fp16", "quantized")
 
 
 # ------------------------------------------------------------------------------- keys
@@ -106,6 +108,36 @@ def unpack_ids(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     return bitmat.astype(np.int64) @ weights
 
 
+def pack_gaps(values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Non-negative ints -> (r, low bits, unary stream): a Rice code (value = high * 2^r + low)
+    kept as two streams so both decode without a per-value loop: the low r bits of each value
+    bit-packed, then each high part as that many 1 bits and a 0. r minimises the total."""
+    v = np.asarray(values, dtype=np.int64).ravel()
+    best = min(range(25), key=lambda r: v.size * (r + 1) + int((v >> r).sum()))
+    high = v >> best
+    stream = np.ones(int(high.sum()) + v.size, dtype=np.uint8)
+    stream[np.cumsum(high + 1) - 1] = 0
+    low = pack_ids(v & ((1 << best) - 1), best) if best else np.zeros(0, dtype=np.uint8)
+    return best, low, np.packbits(stream)
+
+
+def unpack_gaps(r: int, low: np.ndarray, stream: np.ndarray, count: int) -> np.ndarray:
+    zeros = np.flatnonzero(np.unpackbits(np.asarray(stream, dtype=np.uint8)) == 0)[:count]
+    high = np.diff(zeros, prepend=-1) - 1
+    return (high << r) | (unpack_ids(low, r, count) if r else 0)
+
+
+def quantize_logprobs(lps: np.ndarray, ref: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
+    """Log-probabilities [n, j] as b-bit steps below each position's reference `ref` [n] (the
+    top-1 log-probability as stored): lp ~ ref - q * step, one step per shard (its widest
+    range / (2^b - 1)), so the top-1 is exact and every ratio p_i / p_1 is kept to within a
+    factor exp(step / 2)."""
+    delta = np.clip(ref[:, None].astype(np.float64) - lps, 0.0, None)
+    step = max(float(delta.max(initial=0.0)) / ((1 << bits) - 1), 1e-6)
+    q = np.clip(np.rint(delta / step), 0, (1 << bits) - 1).astype(np.int64)
+    return q, step
+
+
 # ------------------------------------------------------------------------------ rows
 
 
@@ -145,31 +177,56 @@ class LogitCache:
     def shard_path(self, i: int) -> Path:
         return self.path / f"shard-{i:05d}.safetensors"
 
-    def write_shard(self, i: int, rows: list[CachedRow], vocab_size: int) -> Path:
+    def write_shard(self, i: int, rows: list[CachedRow], vocab_size: int,
+                    encoding: str = "fp16", logprob_bits: int = 6) -> Path:
+        """`fp16`: ids bit-packed, log-probabilities float16 (module doc). `quantized`: each
+        position's top-k ids sorted and delta-coded (`pack_gaps`), its log-probabilities
+        `logprob_bits`-bit steps below its top-1 (`quantize_logprobs`, the top-1 and the tail
+        log-mass float16), tail draws' ids bit-packed and their log-probabilities quantized
+        the same way below the top-1 on their own step."""
         from safetensors.numpy import save_file
 
         if not rows:
             raise ValueError("empty shard")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown logit cache encoding {encoding!r} (one of {ENCODINGS})")
         k = rows[0].ids.shape[1]
         bits = id_bits(vocab_size)
         ids = np.concatenate([r.ids for r in rows])
-        lps = np.concatenate([r.logprobs for r in rows]).astype(np.float16)
+        lps = np.concatenate([r.logprobs for r in rows])
         tail = np.concatenate([r.tail_logprob for r in rows]).astype(np.float16)
         offsets = np.cumsum([0] + [len(r.ids) for r in rows]).astype(np.int32)
-        tensors = {
-            "ids_packed": pack_ids(ids, bits),
-            "logprobs": lps,
-            "tail_logprob": tail,
-            "offsets": offsets,
-            "starts": np.array([r.start for r in rows], dtype=np.int32),
-        }
+        tensors = {"tail_logprob": tail, "offsets": offsets,
+                   "starts": np.array([r.start for r in rows], dtype=np.int32)}
+        meta = {}
         m = 0 if rows[0].tail_ids is None else rows[0].tail_ids.shape[1]
+        if encoding == "fp16":
+            tensors["ids_packed"] = pack_ids(ids, bits)
+            tensors["logprobs"] = lps.astype(np.float16)
+        else:
+            order = np.argsort(ids, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, 1)
+            lps = np.take_along_axis(lps, order, 1)
+            gaps = np.diff(ids, axis=1, prepend=-1) - 1  # distinct sorted ids: gaps >= 0
+            r, low, stream = pack_gaps(gaps)
+            ref = lps.max(-1).astype(np.float16)
+            q, step = quantize_logprobs(lps, ref.astype(np.float32), logprob_bits)
+            tensors.update({"id_gaps_low": low, "id_gaps_unary": stream, "top1_logprob": ref,
+                            "logprobs_q": pack_ids(q, logprob_bits)})
+            meta.update({"rice_r": str(r), "logprob_bits": str(logprob_bits),
+                         "logprob_step": repr(step)})
         if m:
             tensors["tail_ids_packed"] = pack_ids(np.concatenate([r.tail_ids for r in rows]), bits)
-            tensors["tail_sample_logprobs"] = np.concatenate(
-                [r.tail_sample_logprobs for r in rows]).astype(np.float16)
-        meta = {"k": str(k), "m": str(m), "id_bits": str(bits), "vocab_size": str(vocab_size),
-                "row_ids": json.dumps([r.row_id for r in rows])}
+            t_lps = np.concatenate([r.tail_sample_logprobs for r in rows])
+            if encoding == "fp16":
+                tensors["tail_sample_logprobs"] = t_lps.astype(np.float16)
+            else:
+                tq, t_step = quantize_logprobs(t_lps, ref.astype(np.float32), logprob_bits)
+                tensors["tail_sample_logprobs_q"] = pack_ids(tq, logprob_bits)
+                meta["tail_logprob_step"] = repr(t_step)
+        meta.update({"k": str(k), "m": str(m), "id_bits": str(bits),
+                     "vocab_size": str(vocab_size), "encoding": encoding,
+                     "row_ids": json.dumps([r.row_id for r in rows])})
         self.path.mkdir(parents=True, exist_ok=True)
         dst = self.shard_path(i)
         tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -205,15 +262,36 @@ class LogitCache:
         out: dict[str, CachedRow] = {}
         for shard in sorted(self.path.glob("shard-*.safetensors")):
             t, meta = self._read_shard(shard)
+            # Shards written before encodings were recorded are fp16 ones.
+            encoding = meta.get("encoding", "fp16")
+            if encoding not in ENCODINGS:
+                raise ValueError(
+                    f"{shard}: logit cache encoding {encoding!r} is not one this version reads "
+                    f"({', '.join(ENCODINGS)}): delete {self.path} and rerun the teacher stage "
+                    "to rebuild it")
             k, bits = int(meta["k"]), int(meta["id_bits"])
             off = t["offsets"]
-            ids = unpack_ids(t["ids_packed"], bits, int(off[-1]) * k).reshape(-1, k)
-            lps = t["logprobs"].astype(np.float32)
-            tail = t["tail_logprob"].astype(np.float32)
+            n = int(off[-1])
             m = int(meta.get("m", 0))
+            if encoding == "fp16":
+                ids = unpack_ids(t["ids_packed"], bits, n * k).reshape(-1, k)
+                lps = t["logprobs"].astype(np.float32)
+            else:
+                gaps = unpack_gaps(int(meta["rice_r"]), t["id_gaps_low"], t["id_gaps_unary"],
+                                   n * k).reshape(-1, k)
+                ids = np.cumsum(gaps + 1, axis=1) - 1
+                lb = int(meta["logprob_bits"])
+                ref = t["top1_logprob"].astype(np.float32)[:, None]
+                q = unpack_ids(t["logprobs_q"], lb, n * k).reshape(-1, k)
+                lps = (ref - q * float(meta["logprob_step"])).astype(np.float32)
+            tail = t["tail_logprob"].astype(np.float32)
             if m:
-                t_ids = unpack_ids(t["tail_ids_packed"], bits, int(off[-1]) * m).reshape(-1, m)
-                t_lps = t["tail_sample_logprobs"].astype(np.float32)
+                t_ids = unpack_ids(t["tail_ids_packed"], bits, n * m).reshape(-1, m)
+                if encoding == "fp16":
+                    t_lps = t["tail_sample_logprobs"].astype(np.float32)
+                else:
+                    tq = unpack_ids(t["tail_sample_logprobs_q"], lb, n * m).reshape(-1, m)
+                    t_lps = (ref - tq * float(meta["tail_logprob_step"])).astype(np.float32)
             for j, rid in enumerate(json.loads(meta["row_ids"])):
                 a, b = int(off[j]), int(off[j + 1])
                 out[rid] = CachedRow(rid, int(t["starts"][j]), ids[a:b], lps[a:b], tail[a:b],
@@ -272,7 +350,8 @@ def kd_sequences(sup) -> tuple[list[list[int]], list[tuple[int, int]]]:
 def build_cache(backend, sequences: list[list[int]], spans: list[tuple[int, int]],
                 row_ids: list[str], k: int, cache: LogitCache, shard_size: int = 512,
                 meta: dict | None = None, desc: str = "logit cache",
-                tail_samples: int = 0, seed: int = 0) -> LogitCache:
+                tail_samples: int = 0, seed: int = 0, encoding: str = "fp16",
+                logprob_bits: int = 6) -> LogitCache:
     """Fill `cache` with the teacher's top-k at the given spans, shard by shard (resumable)."""
     from rich.progress import Progress
 
@@ -298,7 +377,9 @@ def build_cache(backend, sequences: list[list[int]], spans: list[tuple[int, int]
                     rid, start, top.ids[span], lps, tail_logprob(lps),
                     None if top.tail_ids is None else top.tail_ids[span],
                     None if top.tail_logprobs is None else top.tail_logprobs[span]))
-            cache.write_shard(i, rows, backend.vocab_size)
+            cache.write_shard(i, rows, backend.vocab_size, encoding, logprob_bits)
             progress.advance(task)
-    cache.finalize({"k": k, "tail_samples": tail_samples, "rows": len(sequences), **(meta or {})})
+    cache.finalize({"k": k, "tail_samples": tail_samples, "rows": len(sequences),
+                    "encoding": encoding, **({"logprob_bits": logprob_bits}
+                                             if encoding != "fp16" else {}), **(meta or {})})
     return cache

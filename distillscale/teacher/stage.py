@@ -384,12 +384,15 @@ def build_caches(cfg, backend, teacher_dir: Path, adapter, rows: list[dict], tax
             chat_template=adapter.model_dump(mode="json"),
             prompt_template=[PROMPT_HEAD, PROMPT_TAIL, fmt], data=sequences_hash(seqs, spans),
             k=cc.k, tail_samples=cc.tail_samples, seed=cfg.seed,
+            **({"encoding": cc.encoding, "logprob_bits": cc.logprob_bits}
+               if cc.encoding != "fp16" else {}),  # fp16 keys stay those of existing caches
         )
         cache = LogitCache(cache_root(cfg), key)
         reused = cache.complete
         build_cache(backend, seqs, spans, [r["id"] for r in usable], cc.k, cache, cc.shard_size,
                     meta={"format": fmt, "teacher": teacher_fp}, desc=f"logit cache ({fmt})",
-                    tail_samples=cc.tail_samples, seed=cfg.seed)
+                    tail_samples=cc.tail_samples, seed=cfg.seed, encoding=cc.encoding,
+                    logprob_bits=cc.logprob_bits)
         idx = cache.index()
         out[fmt] = {"key": key, "path": str(cache.path), "reused": reused, "rows": idx["rows"],
                     "tokens": idx["tokens"], "bytes_per_token": round(idx["bytes_per_token"], 1)}

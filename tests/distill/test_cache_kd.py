@@ -57,6 +57,10 @@ class Encoder:
 
 
 ROWS = [{"id": f"r-{i}"} for i in range(48)]
+# The quantized encoding (6-bit log-probabilities), at full k
+# (only the quantization's error) and at a small k with tail draws.
+BITS = 6
+QUANTIZED = (("full_q", VOCAB, 0, "quantized"), ("top8_tail4_q", 8, 4, "quantized"))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +80,12 @@ def setup(megatron, tmp_path_factory):
     sup = supervision_batch(Encoder(), ROWS, "blended_cot")
     seqs, spans = kd_sequences(sup)
     caches = {}
-    for name, k, m in (("full", VOCAB, 0), ("top8", 8, 0), ("top8_tail16", 8, 16)):
+    for name, k, m, enc in (("full", VOCAB, 0, "fp16"), ("top8", 8, 0, "fp16"),
+                            ("top8_tail16", 8, 16, "fp16"), *QUANTIZED):
         cache = LogitCache(tmp / "cache", name)
         build_cache(backend, seqs, spans, [r["id"] for r in ROWS], k, cache, shard_size=20,
-                    meta={"format": "blended_cot"}, tail_samples=m, seed=0)
+                    meta={"format": "blended_cot"}, tail_samples=m, seed=0, encoding=enc,
+                    logprob_bits=BITS)
         caches[name] = cache
     torch.manual_seed(1)
     student = build_gpt(SMALL, VOCAB)
@@ -157,6 +163,69 @@ def test_topk_caches_first_step_within_the_measured_cache_error(setup, tmp_path)
     # The merged tail is a lower bound; the draws recover most of what it misses.
     assert errors["top8"] > 0.01
     assert errors["top8_tail16"] < 0.5 * errors["top8"]
+
+
+def test_quantized_cache_trains_like_the_online_teacher(setup, tmp_path):
+    """The quantized encoding: at full k its first-step KL is the online KL within the
+    measured quantization error (< 1%), and the whole run (KL, CE, loss) follows the online
+    run within it; at k=8 with 4 tail draws the first step is within that cache's own measured
+    error of the full-logit KL."""
+    teacher, state, caches, _ = setup
+    cfg = _cfg(temperature=1.0, alpha=0.7)
+    ref, _, sup = _full_kl(teacher, _student(state), 1.0)
+    with torch.no_grad():
+        logits = forward_logits(_student(state), sup.tokens)
+    errors = {}
+    for name in ("full_q", "top8_tail4_q"):
+        cached = CachedTeacher(caches[name], ROWS, "blended_cot")
+        measured = float(cached.kl(logits, np.arange(len(ROWS)), 1.0, sup.trace_mask))
+        errors[name] = abs(measured - ref) / ref
+    assert errors["full_q"] < 0.01
+    _, online = distill(_student(state), teacher, Encoder(), ROWS, cfg, 0, tmp_path / "a.pt",
+                        "online")
+    _, offline = distill(_student(state), None, Encoder(), ROWS, cfg, 0, tmp_path / "b.pt",
+                         "cache", cached=CachedTeacher(caches["full_q"], ROWS, "blended_cot"))
+    for a, b in zip(online, offline, strict=True):
+        assert b["kl"] == pytest.approx(a["kl"], rel=2 * errors["full_q"] + 1e-4)
+        assert b["ce"] == pytest.approx(a["ce"], rel=1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=2 * errors["full_q"] + 1e-4)
+    assert offline[-1]["kl"] < offline[0]["kl"]
+    big = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": len(ROWS)}),
+                                 "loss": cfg.loss.model_copy(update={"alpha": 1.0})})
+    _, hist = distill(_student(state), None, Encoder(), ROWS, big, 0, tmp_path / "c.pt", "q8",
+                      cached=CachedTeacher(caches["top8_tail4_q"], ROWS, "blended_cot"))
+    assert abs(hist[0]["kl"] - ref) <= errors["top8_tail4_q"] * ref * 1.01 + 1e-6
+    # Smaller than the fp16 encoding of the same k and draws would be.
+    assert caches["top8_tail4_q"].index()["bytes_per_token"] < \
+        caches["top8_tail16"].index()["bytes_per_token"] * 0.5
+
+
+def test_old_caches_read_and_unknown_encodings_say_rebuild(setup, tmp_path):
+    """A shard written before encodings were recorded reads as fp16; an encoding this
+    version does not know stops with a one-line error that says to rebuild."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    _, _, caches, _ = setup
+    src = caches["top8"]
+    want = src.load()
+    for meta_update, name in (({}, "old"), ({"encoding": "entropy9"}, "future")):
+        dst = LogitCache(tmp_path, name)
+        shutil.copytree(src.path, dst.path)
+        for shard in sorted(dst.path.glob("shard-*.safetensors")):
+            t, meta = LogitCache._read_shard(shard)
+            meta.pop("encoding")
+            save_file(t, str(shard), metadata={**meta, **meta_update})
+        if name == "old":
+            got = dst.load()
+            assert got.keys() == want.keys()
+            for rid in want:
+                assert np.array_equal(got[rid].ids, want[rid].ids)
+                assert np.array_equal(got[rid].logprobs, want[rid].logprobs)
+        else:
+            with pytest.raises(ValueError, match=r"encoding 'entropy9' .*delete .* rebuild it"):
+                dst.load()
 
 
 def test_cached_topk_kl_reduces_to_topk_kl_at_t1_and_handles_padding_ids():
