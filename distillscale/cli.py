@@ -60,10 +60,44 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--text-column", default="text")
     i.add_argument("--label-column", default="label")
     i.add_argument("--seed", type=int, default=0)
+    _add_domain_parser(sub)
     from distillscale.launch.commands import add_parser as add_launch_parser
 
     add_launch_parser(sub)
     return ap
+
+
+def _add_domain_parser(sub) -> None:
+    dom = sub.add_parser("domain", help="check a taxonomy file before building anything")
+    dsub = dom.add_subparsers(dest="domain_command", required=True)
+    c = dsub.add_parser("check", help="schema errors, warnings, sample headlines and how "
+                                      "separable the task is (seconds; no Ray, no embeddings)")
+    c.add_argument("taxonomy", type=Path)
+    c.add_argument("--rows", type=int, default=2000,
+                   help="rows generated for the separability check (balanced)")
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-separability", action="store_true", help="skip the TF-IDF baseline")
+    c.add_argument("--data", type=Path,
+                   help="a labelled CSV / JSONL / Parquet to check instead of generated rows")
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--json", type=Path, help="also write the report as JSON here")
+    c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+
+
+def _domain_command(args) -> int:
+    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0."""
+    from distillscale.domain_check import check_domain, format_report
+    from distillscale.manifest import write_json_atomic
+
+    report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
+                          separability_check=not args.no_separability, data=args.data,
+                          text_column=args.text_column, label_column=args.label_column)
+    print(format_report(report))
+    if args.json is not None:
+        write_json_atomic(args.json, report.to_dict())
+    return 1 if report.errors or (args.strict and report.warnings) else 0
 
 
 def _data_command(args) -> int:
@@ -155,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data_command(args)
+        if args.command == "domain":
+            return _domain_command(args)
         if args.command == "launch":
             from distillscale.launch.commands import run as launch_command
 
