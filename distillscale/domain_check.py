@@ -40,6 +40,9 @@ TRIVIAL_F1 = 0.95
 # are of that class and it occurs in at least GIVEAWAY_COVERAGE of the class's rows.
 GIVEAWAY_PRECISION = 0.95
 GIVEAWAY_COVERAGE = 0.25
+# Character 5-gram Jaccard from which two templates count as near duplicates (the recipe's
+# default `data.near_dup_threshold`).
+NEAR_TEMPLATE = 0.8
 
 
 @dataclass
@@ -117,10 +120,35 @@ def taxonomy_warnings(path: Path, tax: Taxonomy) -> list[str]:
                            f"also a template of {seen[key][2]}: their rows are identical text "
                            "with different labels")
             seen.setdefault(key, (i, j, c.name))
+    out += _cross_class_near_templates(tax, at)
     used = {s for c in tax.classes for t in c.templates for s in SLOT.findall(t)}
     for name in sorted(set(tax.slots) - used - {tax.knowledge_slot}):
         out.append(f"{at('slots', name)}: slot {name!r} is used by no template")
     out += _knowledge_warnings(tax, at)
+    return out
+
+
+def _cross_class_near_templates(tax: Taxonomy, at, threshold: float = NEAR_TEMPLATE) -> list[str]:
+    """Template pairs of two classes that the near-duplicate pass would see as one text.
+
+    Jaccard similarity of the character 5-gram sets the near-duplicate index hashes (slots
+    read as their names): the contrast an author writes on purpose ("shows benefit" / "shows
+    no benefit") is what `data.cross_class_duplicates` then decides about."""
+    from distillscale.data.dedup import char_shingles
+
+    shingles = [(i, j, c.name, t, set(char_shingles(SLOT.sub(lambda m: m.group(1), t))))
+                for i, c in enumerate(tax.classes) for j, t in enumerate(c.templates)]
+    out = []
+    for n, (i, j, name, t, a) in enumerate(shingles):
+        for i2, _, name2, t2, b in shingles[n + 1:]:
+            if name2 == name or not a or not b:
+                continue
+            jac = len(a & b) / len(a | b)
+            if threshold <= jac < 1.0:
+                out.append(f"{at('classes', i, 'templates', j)}: template {t!r} of {name} and "
+                           f"{t2!r} of {name2} are near duplicates (Jaccard {jac:.2f}): their "
+                           "rows meet in the near-duplicate pass, where "
+                           "data.cross_class_duplicates keeps (default) or rejects them")
     return out
 
 
