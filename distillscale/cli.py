@@ -48,17 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="build or import a dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="generate a labelled dataset for a domain")
-    b.add_argument("--domain", type=Path, default=Path("conf/domains/finance.yaml"))
+    b.add_argument("--domain", type=Path, required=True, help="the taxonomy file")
     b.add_argument("--rows", type=int, default=3000)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("overrides", nargs="*", help="data.key=value")
     i = dsub.add_parser("import", help="import your own CSV / JSONL / Parquet headlines")
     i.add_argument("--input", type=Path, required=True)
-    i.add_argument("--domain", type=Path, default=Path("conf/domains/finance.yaml"))
+    i.add_argument("--domain", type=Path, required=True,
+                   help="the taxonomy the labels belong to (a for_import_only one will do)")
     i.add_argument("--out", type=Path, required=True)
-    i.add_argument("--text-column", default="text")
-    i.add_argument("--label-column", default="label")
+    i.add_argument("--text-column", help="column of the text (default: data.text_column, text)")
+    i.add_argument("--label-column",
+                   help="column of the label (default: data.label_column, label)")
     i.add_argument("--seed", type=int, default=0)
     _add_domain_parser(sub)
     from distillscale.launch.commands import add_parser as add_launch_parser
@@ -116,6 +118,9 @@ def _data_command(args) -> int:
         node[keys[-1]] = value
     if args.data_command == "import":
         fields.update(generator="file", source_path=str(args.input))
+        for key in ("text_column", "label_column"):
+            if getattr(args, key):
+                fields[key] = getattr(args, key)
         inputs = {"taxonomy": args.domain, "source": args.input}
     else:
         # `data build` runs the data recipe unless `generator=templates` is asked for.
@@ -133,8 +138,6 @@ def _data_command(args) -> int:
     with atomic_stage(args.out, "data", h, inputs) as out:
         out.metrics.update(build_dataset(
             out.path, taxonomy, dcfg, seed=args.seed,
-            text_column=getattr(args, "text_column", "text"),
-            label_column=getattr(args, "label_column", "label"),
         ))
         out.extra.update({k: out.metrics[k] for k in ("rows_in", "rows_kept", "rows_rejected")})
         m = out.metrics
