@@ -41,8 +41,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--results", type=Path,
                            help="a long results table (results.parquet / results_long.csv)")
             s.add_argument("--out", type=Path, help="output folder (with --results)")
-            s.add_argument("--num-classes", type=int, default=35,
-                           help="in-domain classes: the chance floor is 1/N (with --results)")
+            s.add_argument("--num-classes", type=int,
+                           help="in-domain classes: the chance floor is 1/N (with --results; "
+                                "default: the classes of --domain, else of per_class_f1.csv "
+                                "next to the results)")
+            s.add_argument("--domain", type=Path,
+                           help="the taxonomy the results are about (sets --num-classes)")
         if stage == "report":
             s.add_argument("--fits", type=Path, help="folder with fits.json (with --results)")
     d = sub.add_parser("data", help="build or import a dataset")
@@ -168,6 +172,7 @@ def _table_command(args) -> int:
         long = read_results(args.results)
     except ResultsTableError as e:
         raise ConfigError(str(e)) from None
+    args.num_classes = _num_classes(args)
     if args.command == "fit":
         from distillscale.fit import fit_results
 
@@ -180,6 +185,25 @@ def _table_command(args) -> int:
                             title=args.results.stem)
         print(f"report -> {path}, {path.with_suffix('.html')}")
     return 0
+
+
+def _num_classes(args) -> int:
+    """The in-domain class count of a results table: given, from the taxonomy, or from the
+    evaluation's per-class table next to the results (no domain's count is built in)."""
+    if args.num_classes is not None:
+        return args.num_classes
+    if args.domain is not None:
+        from distillscale.domain import load_taxonomy
+
+        return len(load_taxonomy(args.domain).classes)
+    per_class = args.results.parent / "per_class_f1.csv"
+    if per_class.is_file():
+        import pandas as pd
+
+        return int(pd.read_csv(per_class, usecols=["label"])["label"].nunique())
+    raise ConfigError(f"command line: {args.command} --results {args.results}: the number of "
+                      "in-domain classes (chance floor 1/N) is unknown: give --num-classes N or "
+                      f"--domain TAXONOMY (no per_class_f1.csv next to {args.results.name})")
 
 
 def main(argv: list[str] | None = None) -> int:

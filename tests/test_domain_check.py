@@ -192,3 +192,23 @@ def test_shipped_domains_load_clean():
         assert r.errors == [], path
         assert not any("stray brace" in w or "priors sum" in w or "used by no template" in w
                        for w in r.warnings), (path, r.warnings)
+
+
+def test_results_class_count_comes_from_the_domain_or_the_results(tmp_path, capsys):
+    from argparse import Namespace
+
+    from distillscale.cli import _num_classes
+
+    results = tmp_path / "results_long.csv"
+    results.write_text("x\n")
+    args = Namespace(num_classes=None, domain=None, results=results, command="fit")
+    with pytest.raises(ConfigError, match="give --num-classes N or --domain TAXONOMY"):
+        _num_classes(args)
+    cyber = Path(__file__).resolve().parents[1] / "conf/domains/cyber.yaml"
+    assert _num_classes(Namespace(**{**vars(args), "domain": cyber})) == 10
+    (tmp_path / "per_class_f1.csv").write_text("model,label,support\nt,a,3\nt,b,4\ns,a,3\n")
+    assert _num_classes(args) == 2
+    assert _num_classes(Namespace(**{**vars(args), "num_classes": 7})) == 7
+    fixture = Path(__file__).resolve().parent / "fixtures" / "results_long.csv"
+    assert main(["fit", "--results", str(fixture), "--out", str(tmp_path / "f")]) == 2
+    assert "in-domain classes" in capsys.readouterr().err

@@ -219,7 +219,7 @@ def run_recipe(
             ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
             if settings.llm is not None:
                 # A reply that repeats the prompt or refuses is not a headline of the class.
-                ok &= ~kept["text"].str.contains(r"Event class:|as an ai|I can(?:no|')t", case=False,
+                ok &= ~kept["text"].str.contains(r"^Class:|Event class:|Facts to use|as an ai|I can(?:no|')t", case=False,
                                                  regex=True)
             bad = kept[~ok]
             reject(bad, [("unknown label " + repr(lb)) if lb not in known else "not a headline"
