@@ -212,3 +212,14 @@ def test_results_class_count_comes_from_the_domain_or_the_results(tmp_path, caps
     fixture = Path(__file__).resolve().parent / "fixtures" / "results_long.csv"
     assert main(["fit", "--results", str(fixture), "--out", str(tmp_path / "f")]) == 2
     assert "in-domain classes" in capsys.readouterr().err
+
+
+def test_schema_reference_in_the_docs_is_current():
+    from distillscale.domain_docs import DOC, render, schema_reference
+
+    text = DOC.read_text()
+    assert render(text) == text, "run `python -m distillscale.domain_docs`"
+    ref = schema_reference()
+    for field in ("knowledge_slot", "for_import_only", "aliases", "prior", "faker", "exclude"):
+        assert f"| `{field}` |" in ref
+    assert "in percent" in ref  # descriptions come from the models
