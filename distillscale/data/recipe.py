@@ -1,4 +1,4 @@
-"""The FinHeadlineMix data recipe: iterative Data Designer rounds with global curation.
+"""The data recipe: iterative Data Designer rounds with global curation (any taxonomy).
 
 Each round, as in the paper's data build:
 
