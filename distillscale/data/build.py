@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from distillscale.compat.console import stderr_console
-from distillscale.config import DataConfig
+from distillscale.config import ConfigError, DataConfig
 from distillscale.data.card import write_card
 from distillscale.data.generate import generate_headlines
 from distillscale.data.io import read_table_rows
@@ -63,12 +63,13 @@ def _absent(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
 
 
-def _label_problem(name: str, value, known: set, alias: dict) -> tuple[str | None, str | None]:
-    """(canonical label, None) or (None, reason)."""
+def _label_problem(name: str, value, known: set, match) -> tuple[str | None, str | None]:
+    """(canonical label, None) or (None, reason); `match` maps a label as written (name or
+    alias, any case) to its class (`Taxonomy.match_label`)."""
     if not isinstance(value, str):
         return None, f"{name} is {_kind(value)}, not a string"
     value = value.strip()
-    value = value if value in known else alias.get(value.lower(), value)
+    value = match(value) or value
     if value not in known:
         return None, f"unknown {name} {value!r}"
     return value, None
@@ -139,7 +140,7 @@ def validate_rows(
     """
     language_ok = _language_check(language) if language else None
     known = set(taxonomy.labels)
-    alias = {a.lower(): c.name for c in taxonomy.classes for a in c.aliases}
+    match = taxonomy.match_label
     kept, rejects = [], []
     by_text: dict[str, str] = {}  # text hash -> id of the row kept with that text
     by_id: dict[str, int] = {}  # id -> input row that holds it
@@ -159,7 +160,7 @@ def validate_rows(
         if problem:
             reject(problem)
             continue
-        label, problem = _label_problem("label", raw.get("label"), known, alias)
+        label, problem = _label_problem("label", raw.get("label"), known, match)
         if problem:
             reject(problem)
             continue
@@ -167,7 +168,7 @@ def validate_rows(
         if _absent(gold):
             gold = label
         else:
-            gold, problem = _label_problem("gold_label", gold, known, alias)
+            gold, problem = _label_problem("gold_label", gold, known, match)
             if problem:
                 reject(problem)
                 continue
@@ -190,6 +191,13 @@ def validate_rows(
         by_text[th], by_id[rid] = rid, i
         kept.append({"id": rid, "text": text, "label": label, "gold_label": gold})
     return kept, rejects
+
+
+def _duplicate_reason(rid: str, label: str, first_label: str) -> str:
+    # The same text under two labels is a conflict in the data, not a harmless repeat.
+    if first_label != label:
+        return f"conflicting label (same text as id {rid}, labelled {first_label}; this row {label})"
+    return f"duplicate of id {rid}"
 
 
 def _language_check(language: str):
@@ -265,12 +273,16 @@ def build_dataset(
     data: DataConfig,
     *,
     seed: int,
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict:
     """Write the dataset, its rejects and its card into `out`; returns the manifest metrics."""
     out = Path(out)
     card_extra: dict = {}
+    if taxonomy.for_import_only and data.generator != "file":
+        raise ConfigError(f"taxonomy {taxonomy.name}: for_import_only, so it has no templates "
+                          f"for data.generator={data.generator}; use data.generator=file "
+                          "(or `data import`)")
     if data.generator == "designer":
         from distillscale.data.recipe import STAGES, run_recipe
         from distillscale.data.serve import llm_endpoint
@@ -288,7 +300,9 @@ def build_dataset(
         rows_in = result.rows_in
         emb_index = {rid: i for i, rid in enumerate(result.kept["id"])}
         card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder,
-                      "dedup_backend": result.dedup_backend}
+                      "dedup_backend": result.dedup_backend,
+                      "cross_class": cross_class_summary(result.cross_class, result.kept,
+                                                         data.cross_class_duplicates)}
         source = "designer"
     else:
         if data.generator == "templates":
@@ -297,7 +311,8 @@ def build_dataset(
             )
             source = "templates"
         else:
-            raw = read_table_rows(Path(data.source_path), text_column, label_column)
+            raw = read_table_rows(Path(data.source_path), text_column or data.text_column,
+                                  label_column or data.label_column)
             source = str(data.source_path)
         kept, rejects = validate_rows(
             raw, taxonomy, language=data.language if data.generator == "file" else None
@@ -333,6 +348,8 @@ def build_dataset(
     if card_extra:
         metrics["rounds"] = card_extra["rounds"]
         metrics["dedup_backend"] = card_extra.get("dedup_backend")
+        metrics["cross_class_near_pairs"] = {
+            k: card_extra["cross_class"][k] for k in ("kept", "rejected")}
         gen = sum(r["generated"] for r in card_extra["rounds"])
         metrics["cumulative_dedup_rate"] = 1 - sum(r["kept"] for r in card_extra["rounds"]) / max(
             gen, 1)
@@ -360,8 +377,24 @@ def build_dataset(
         rounds=card_extra.get("rounds"), stages=card_extra.get("stages", ()),
         embeddings=card_extra.get("embeddings"),
         embedding_labels=card_extra.get("embedding_labels"), embedder=card_extra.get("embedder"),
+        cross_class=card_extra.get("cross_class"),
     )
     return metrics
+
+
+def cross_class_summary(pairs: list[dict], kept, policy: str, examples: int = 8) -> dict:
+    """Counts and a few example pairs (both texts, both labels) for the dataset card."""
+    text_of = dict(zip(kept["id"], kept["text"]))
+    shown = []
+    for p in pairs[:examples]:
+        shown.append({**p, "text": p.get("text") or text_of.get(p["id"]),
+                      "other_text": text_of.get(p["other_id"])})
+    by = Counter((p["label"], p["other_label"]) for p in pairs)
+    return {"policy": policy, "kept": sum(p["policy"] == "keep" for p in pairs),
+            "rejected": sum(p["policy"] == "reject" for p in pairs),
+            "by_stage": dict(Counter(p["stage"] for p in pairs)),
+            "top_class_pairs": [[a, b, n] for (a, b), n in by.most_common(5)],
+            "examples": shown}
 
 
 def _reason_kind(reason: str) -> str:
@@ -389,6 +422,7 @@ def recipe_settings(data: DataConfig, endpoint: str | None = None):
         rows=data.num_examples, target_distribution=data.target_distribution,
         min_per_class=data.min_per_class, max_rounds=data.max_rounds,
         near_threshold=data.near_dup_threshold, semantic=data.semantic_dedup,
+        cross_class=data.cross_class_duplicates,
         semantic_threshold=data.semantic_threshold, semantic_clusters=data.semantic_clusters,
         embedding=data.embedding,
         embedding_precision="int8" if data.quantize_embeddings else data.embedding_precision,

@@ -133,6 +133,7 @@ def write_card(
     settings: dict | None = None,
     umap_points: int = 4000,
     seed: int = 0,
+    cross_class: dict | None = None,
 ) -> list[str]:
     """Write `dataset_card.md` and its PNGs into `out`; returns the figure file names."""
     out = Path(out)
@@ -182,6 +183,8 @@ def write_card(
         gen = sum(r["generated"] for r in rounds)
         kept = sum(r["kept"] for r in rounds)
         lines += ["", f"Cumulative removal rate over all rounds: {1 - kept / max(gen, 1):.1%}."]
+    if cross_class is not None:
+        lines += cross_class_section(cross_class)
     if reject_reasons:
         lines += ["", "## Rejected rows by reason", "", "| reason | rows |", "|---|---|"]
         for why, n in reject_reasons.most_common(15):
@@ -212,3 +215,23 @@ def write_card(
         lines.append(f"| {c.name} | " + "<br>".join(by_class.get(c.name, [])) + " |")
     write_text_atomic(out / "dataset_card.md", "\n".join(lines) + "\n")
     return figs
+
+
+def cross_class_section(cc: dict) -> list[str]:
+    """Near / semantic matches between rows of two classes, and what curation did with them."""
+    lines = ["", "## Cross-class near pairs", "",
+             f"Policy `data.cross_class_duplicates: {cc['policy']}`: {cc['kept']:,} row(s) kept "
+             f"although a row of another class is a near or semantic match, {cc['rejected']:,} "
+             "rejected as cross-class conflicts (both rows named in `rejects.jsonl`)."]
+    if cc.get("top_class_pairs"):
+        lines += ["", "| class | matched class | pairs |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {n:,} |" for a, b, n in cc["top_class_pairs"]]
+    if cc.get("examples"):
+        lines += ["", "| pass | row (class) | matched row (class) | kept |", "|---|---|---|---|"]
+        for p in cc["examples"]:
+            def cell(text, label):
+                return f"{(text or '(not in the data set)')} ({label})".replace("|", "\\|")
+            lines.append(f"| {p['stage']} | {cell(p['text'], p['label'])} | "
+                         f"{cell(p['other_text'], p['other_label'])} | "
+                         f"{'yes' if p['policy'] == 'keep' else 'no'} |")
+    return lines

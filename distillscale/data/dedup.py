@@ -13,6 +13,12 @@ batch, rows are processed in order, so the first occurrence is kept and later on
 - `SemanticIndex`: sentence embeddings (all-MiniLM-L6-v2, offline) clustered with k-means as
   in SemDeDup / Curator's semantic dedup, then cosine similarity within each cluster; a row
   above the threshold to an earlier row is a duplicate.
+
+Labels: given each row's class (`add(..., labels=...)`), the near and semantic indexes never
+drop a row for resembling a row of *another* class silently. With `cross_class="keep"` only a
+same-class match is a duplicate, and a cross-class match is recorded in `cross_pairs` (row id,
+matched id) while the row joins the index; with `cross_class="reject"` a cross-class match is
+reported as the duplicate like any other, and the caller names both rows and labels.
 """
 
 from __future__ import annotations
@@ -74,8 +80,15 @@ class NearDupIndex:
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1,
-                 chunk_rows: int = 20_000) -> None:
+                 chunk_rows: int = 20_000, cross_class: str = "keep") -> None:
         from datasketch import MinHashLSH
+
+        if cross_class not in ("keep", "reject"):
+            raise ValueError(f"cross_class: {cross_class!r} is not keep or reject")
+        self.cross_class = cross_class
+        # Class of each kept row (by row number) when `add` is given labels.
+        self._labels: list[str] = []
+        self.cross_pairs: list[tuple[str, str]] = []
 
         layout = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.bands, self.band_rows = layout.b, layout.r
@@ -128,14 +141,18 @@ class NearDupIndex:
             grown[:n] = self._sig[:n]
             self._sig = grown
 
-    def add(self, texts: list[str], ids: list[str]) -> list[str | None]:
-        """For each row: the id it near-duplicates, or None (and it joins the index)."""
+    def add(self, texts: list[str], ids: list[str],
+            labels: list[str] | None = None) -> list[str | None]:
+        """For each row: the id it near-duplicates, or None (and it joins the index).
+        With `labels`, cross-class matches follow `cross_class` (see the module docstring)."""
         out: list[str | None] = []
         for a in range(0, len(texts), self.chunk_rows):
-            out.extend(self._add_chunk(texts[a : a + self.chunk_rows], ids[a : a + self.chunk_rows]))
+            out.extend(self._add_chunk(texts[a : a + self.chunk_rows], ids[a : a + self.chunk_rows],
+                                       None if labels is None else labels[a : a + self.chunk_rows]))
         return out
 
-    def _add_chunk(self, texts: list[str], ids: list[str]) -> list[str | None]:
+    def _add_chunk(self, texts: list[str], ids: list[str],
+                   labels: list[str] | None = None) -> list[str | None]:
         from datasketch import MinHash
 
         if not texts:
@@ -164,12 +181,23 @@ class NearDupIndex:
                 cand = np.unique(np.concatenate([cands, np.asarray(near, dtype=np.int32)]))
                 same = np.count_nonzero(self._sig[cand] == sig[i], axis=1)
                 hit = cand[same / np.float64(self.num_perm) >= self.threshold]
-                if len(hit):
+                if len(hit) and labels is not None:
+                    mine = [r for r in hit.tolist() if self._labels[r] == labels[i]]
+                    other = [r for r in hit.tolist() if self._labels[r] != labels[i]]
+                    if mine:
+                        dup = min(self._ids[r] for r in mine)
+                    elif self.cross_class == "reject":
+                        dup = min(self._ids[r] for r in other)
+                    else:
+                        self.cross_pairs.append((rid, min(self._ids[r] for r in other)))
+                elif len(hit):
                     dup = min(self._ids[r] for r in hit.tolist())
             if dup is None:
                 row = len(self._ids)
                 self._sig[row] = sig[i]
                 self._ids.append(rid)
+                if labels is not None:
+                    self._labels.append(labels[i])
                 for k in row_keys:
                     local.setdefault(k, []).append(row)
                 new_rows.append(i)
@@ -310,7 +338,14 @@ class SemanticIndex:
     """Cosine-threshold dedup against every kept row, searched within k-means clusters."""
 
     def __init__(self, embedder, threshold: float = 0.9, n_clusters: int = 100,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cross_class: str = "keep") -> None:
+        if cross_class not in ("keep", "reject"):
+            raise ValueError(f"cross_class: {cross_class!r} is not keep or reject")
+        self.cross_class = cross_class
+        self.cross_pairs: list[tuple[str, str]] = []
+        # Per cluster, the class code of each member (when `add` is given labels).
+        self._member_labels: dict[int, np.ndarray] = {}
+        self._label_codes: dict[str, int] = {}
         self.embedder = embedder
         self.threshold = threshold
         self.n_clusters = n_clusters
@@ -348,14 +383,18 @@ class SemanticIndex:
         c = km.cluster_centers_.astype(np.float32)
         self._centroids = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
-    def add(self, texts: list[str], ids: list[str],
-            embeddings: np.ndarray | None = None) -> tuple[list[str | None], np.ndarray]:
-        """Duplicate-of id (or None) per row, and the rows' embeddings."""
+    def add(self, texts: list[str], ids: list[str], embeddings: np.ndarray | None = None,
+            labels: list[str] | None = None) -> tuple[list[str | None], np.ndarray]:
+        """Duplicate-of id (or None) per row, and the rows' embeddings. With `labels`,
+        cross-class matches follow `cross_class` (see the module docstring)."""
         emb = self.embedder.encode(texts) if embeddings is None else embeddings
         if len(emb) == 0:
             return [], emb
         if self._centroids is None:
             self._fit(emb)
+        codes = None if labels is None else np.array(
+            [self._label_codes.setdefault(lb, len(self._label_codes)) for lb in labels],
+            dtype=np.int32)
         cluster = np.argmax(emb @ self._centroids.T, axis=1)
         out: list[str | None] = [None] * len(ids)
         joins: list[tuple[int, list[int]]] = []  # (cluster, batch rows it keeps)
@@ -368,6 +407,12 @@ class SemanticIndex:
             arg_old = np.zeros(len(rows), dtype=int)
             best_new = np.full(len(rows), -1.0, dtype=np.float32)
             arg_new = np.zeros(len(rows), dtype=int)
+            # Best match of another class (earlier kept rows or earlier batch rows): a
+            # duplicate only under cross_class=reject, a recorded pair under keep.
+            best_x = np.full(len(rows), -1.0, dtype=np.float32)
+            id_x: list[str | None] = [None] * len(rows)
+            lab = None if codes is None else codes[rows]
+            old_lab = self._member_labels.get(int(c)) if codes is not None else None
             # Row blocks bound the similarity matrices (a large cluster at 500k rows would
             # otherwise need gigabytes); each row is compared with the earlier rows only.
             for a in range(0, len(rows), _BLOCK):
@@ -375,11 +420,17 @@ class SemanticIndex:
                 blk = e[a:b]
                 if old_m is not None:
                     sims = blk @ old_m.T
+                    if lab is not None:
+                        self._split_by_class(sims, lab[a:b, None] != old_lab[None, :],
+                                             best_x, id_x, a, old_ids)
                     best_old[a:b], arg_old[a:b] = sims.max(axis=1), sims.argmax(axis=1)
                 if b > 1:
                     sims = blk @ e[:b].T
                     later = (np.arange(a, b)[:, None] <= np.arange(b)[None, :])
                     sims[later] = -1.0
+                    if lab is not None:
+                        self._split_by_class(sims, lab[a:b, None] != lab[None, :b],
+                                             best_x, id_x, a, [ids[r] for r in rows[:b]])
                     best_new[a:b], arg_new[a:b] = sims.max(axis=1), sims.argmax(axis=1)
             keep_rows = []
             for j, r in enumerate(rows):
@@ -389,7 +440,11 @@ class SemanticIndex:
                     # SemDeDup's rule: a row close to an earlier row of the batch goes, even
                     # when that earlier row itself went (no chains of near-identical rows).
                     out[r] = ids[rows[arg_new[j]]]
+                elif best_x[j] >= self.threshold and self.cross_class == "reject":
+                    out[r] = id_x[j]
                 else:
+                    if best_x[j] >= self.threshold:
+                        self.cross_pairs.append((ids[r], id_x[j]))
                     keep_rows.append(int(r))
             if keep_rows:
                 joins.append((int(c), keep_rows))
@@ -406,6 +461,10 @@ class SemanticIndex:
             # One matrix per cluster, not one per round.
             self._members[c] = add if held is None else np.vstack([held, add])
             self._member_ids.setdefault(c, []).extend(ids[r] for r in keep_rows)
+            if codes is not None:
+                held_lab = self._member_labels.get(c)
+                self._member_labels[c] = codes[keep_rows] if held_lab is None else \
+                    np.concatenate([held_lab, codes[keep_rows]])
             at = position[keep_rows] - base
             where_c[at] = c
             where_o[at] = np.arange(start, start + len(keep_rows))
@@ -413,6 +472,17 @@ class SemanticIndex:
         self._where_offset = np.concatenate([self._where_offset, where_o])
         self.kept_ids.extend(i for i, k in zip(ids, keep) if k)
         return out, emb
+
+    @staticmethod
+    def _split_by_class(sims: np.ndarray, other: np.ndarray, best_x: np.ndarray,
+                        id_x: list, a: int, col_ids: list[str]) -> None:
+        """Record each row's best other-class match, then hide other classes from `sims`."""
+        xs = np.where(other, sims, -1.0)
+        top, arg = xs.max(axis=1), xs.argmax(axis=1)
+        for k in np.flatnonzero(top > best_x[a : a + len(top)]):
+            best_x[a + k] = top[k]
+            id_x[a + k] = col_ids[arg[k]]
+        sims[other] = -1.0
 
     def embeddings_at(self, positions) -> np.ndarray:
         """Embeddings of the kept rows at these kept-order positions (a new matrix)."""

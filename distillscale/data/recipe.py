@@ -1,4 +1,4 @@
-"""The FinHeadlineMix data recipe: iterative Data Designer rounds with global curation.
+"""The data recipe: iterative Data Designer rounds with global curation (any taxonomy).
 
 Each round, as in the paper's data build:
 
@@ -75,6 +75,10 @@ class RecipeSettings:
     embedding: str = "minilm"
     embedding_precision: str = "auto"  # auto | fp32 | bf16 | int8
     fewshot_k: int = 5
+    # A near / semantic duplicate of another class's row: `keep` it (counted, listed in the
+    # card) or `reject` it naming both rows. Exact duplicates with two labels are always
+    # rejected as a label conflict.
+    cross_class: str = "keep"
     filters: FilterSettings = field(default_factory=FilterSettings)
     llm: LLMSettings | None = None
 
@@ -90,6 +94,8 @@ class RecipeResult:
     dedup_backend: str
     targets: dict[str, int]
     rows_in: int
+    # Near / semantic matches across classes: stage, policy applied, both rows and labels.
+    cross_class: list[dict] = field(default_factory=list)
 
 
 def farthest_from_centroid(emb: np.ndarray, k: int) -> np.ndarray:
@@ -129,7 +135,8 @@ def run_recipe(
     if backend == "curator_gpu":
         near = CuratorNearDup(work_dir, settings.near_threshold, seed=seed + 1)
     else:
-        near = NearDupIndex(settings.near_threshold, seed=seed + 1)
+        near = NearDupIndex(settings.near_threshold, seed=seed + 1,
+                            cross_class=settings.cross_class)
     semantic = None
     if settings.semantic:
         embedder = make_embedder(settings.embedding, settings.embedding_precision,
@@ -139,7 +146,8 @@ def run_recipe(
                                             settings.semantic_clusters, seed)
         else:
             semantic = SemanticIndex(embedder, settings.semantic_threshold,
-                                     settings.semantic_clusters, seed)
+                                     settings.semantic_clusters, seed,
+                                     cross_class=settings.cross_class)
     known = set(taxonomy.labels)
     kept_parts: list[pd.DataFrame] = []
     rejects: list[dict] = []
@@ -149,6 +157,7 @@ def run_recipe(
     pattern_weights: dict[str, list[float]] | None = None
     fewshot: dict[str, list[str]] = {}
     rows_in = 0
+    cross: list[dict] = []
     weights, ask = next_class_weights(targets, have, survival)
     ask = math.ceil(ask * settings.oversample)
     ckpt = RoundCheckpoint(work_dir / CHECKPOINT, _fingerprint(taxonomy, settings, seed))
@@ -164,6 +173,7 @@ def run_recipe(
             semantic = state["semantic"]
         rounds, have, survival = state["rounds"], state["have"], state["survival"]
         pattern_weights, fewshot = state["pattern_weights"], state["fewshot"]
+        cross = state.get("cross_class", [])
         rows_in, weights, ask = state["rows_in"], state["weights"], state["ask"]
         first = state["round"] + 1
         console.print(f"data: resuming after round {state['round']} from {ckpt.path} "
@@ -209,7 +219,7 @@ def run_recipe(
             ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
             if settings.llm is not None:
                 # A reply that repeats the prompt or refuses is not a headline of the class.
-                ok &= ~kept["text"].str.contains(r"Event class:|as an ai|I can(?:no|')t", case=False,
+                ok &= ~kept["text"].str.contains(r"^Class:|Event class:|Facts to use|as an ai|I can(?:no|')t", case=False,
                                                  regex=True)
             bad = kept[~ok]
             reject(bad, [("unknown label " + repr(lb)) if lb not in known else "not a headline"
@@ -217,23 +227,23 @@ def run_recipe(
             kept = kept[ok].reset_index(drop=True)
             kept["id"] = [row_id(t) for t in kept["text"]]
             # 4. Global dedup: exact, near, semantic.
+            # Which class a row a duplicate points to has: the kept corpus or this batch.
+            label_of = _LabelOf(kept_parts, kept)
             dup = exact.add(kept["text"].tolist(), kept["id"].tolist())
             mask = np.array([d is None for d in dup], dtype=bool)
-            reject(kept[~mask], [f"exact duplicate of id {d}" for d in dup if d is not None], "exact")
+            reject(kept[~mask], [
+                _dup_reason(d, lb, label_of)
+                for d, lb in zip(dup, kept["label"]) if d is not None], "exact")
             kept = kept[mask].reset_index(drop=True)
-            dup = near.add(kept["text"].tolist(), kept["id"].tolist())
-            mask = np.array([d is None for d in dup], dtype=bool)
-            reject(kept[~mask], [f"near duplicate of id {d}" for d in dup if d is not None], "near")
-            kept = kept[mask].reset_index(drop=True)
+            kept, _ = _label_aware_pass(near, "near", "near duplicate", kept, label_of, reject,
+                                        cross, settings.cross_class, r)
             if semantic is not None:
                 # The index holds the kept rows' embeddings (gathered from it when needed);
                 # the round's own matrix is not kept.
-                dup = semantic.add(kept["text"].tolist(), kept["id"].tolist())[0]
-                mask = np.array([d is None for d in dup], dtype=bool)
-                reject(kept[~mask], [f"semantic duplicate of id {d} (cosine >= "
-                                     f"{settings.semantic_threshold})" for d in dup if d is not None],
-                       "semantic")
-                kept = kept[mask].reset_index(drop=True)
+                kept, _ = _label_aware_pass(
+                    semantic, "semantic", "semantic duplicate", kept, label_of, reject, cross,
+                    settings.cross_class, r,
+                    suffix=f" (cosine >= {settings.semantic_threshold})")
             else:
                 counts["semantic"] = 0
             counts["kept"] = len(kept)
@@ -266,6 +276,7 @@ def run_recipe(
                 "exact": exact, "near": near, "semantic": semantic, "rounds": rounds,
                 "have": have, "survival": survival, "pattern_weights": pattern_weights,
                 "fewshot": fewshot, "rows_in": rows_in, "weights": weights, "ask": ask,
+                "cross_class": cross,
             })
             preemption.check(f"data round {r} (checkpoint {ckpt.path})")
     corpus = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(
@@ -282,11 +293,73 @@ def run_recipe(
         kept=corpus[["id", "text", "label", "gold_label", "round"]].reset_index(drop=True),
         rejects=rejects, rounds=rounds, fewshot=fewshot, embeddings=embeddings,
         embedder=semantic.embedder.name if semantic is not None else None,
-        dedup_backend=backend, targets=targets, rows_in=rows_in,
+        dedup_backend=backend, targets=targets, rows_in=rows_in, cross_class=cross,
     )
 
 
 CHECKPOINT = "recipe_checkpoint"
+
+
+class _LabelOf:
+    """Label of a row id among the kept corpus and the current batch (built on first use:
+    most rounds' duplicates are looked up, but a round without any needs no map)."""
+
+    def __init__(self, parts: list[pd.DataFrame], batch: pd.DataFrame) -> None:
+        self._sources = [*parts, batch]
+        self._map: dict[str, str] | None = None
+
+    def __call__(self, rid: str) -> str | None:
+        if self._map is None:
+            self._map = {}
+            for df in self._sources:
+                self._map.update(zip(df["id"].tolist(), df["label"].tolist()))
+        return self._map.get(rid)
+
+
+def _dup_reason(dup: str, label: str, label_of) -> str:
+    other = label_of(dup)
+    if other is not None and other != label:
+        return f"conflicting label (same text as id {dup}, labelled {other}; this row {label})"
+    return f"exact duplicate of id {dup}"
+
+
+def _label_aware_pass(index, stage: str, kind: str, kept: pd.DataFrame, label_of, reject,
+                      cross: list[dict], policy: str, r: int, suffix: str = ""):
+    """One dedup pass that never drops a row for resembling another class's row silently.
+
+    The CPU indexes take the labels and apply `policy` themselves (a kept cross-class match
+    is in their `cross_pairs`). NeMo-Curator's GPU workflows compare texts regardless of
+    labels, so there a cross-class match is rejected whatever the policy, naming both rows.
+    """
+    import inspect
+
+    texts, ids, labels = kept["text"].tolist(), kept["id"].tolist(), kept["label"].tolist()
+    aware = "labels" in inspect.signature(index.add).parameters
+    seen = len(index.cross_pairs) if aware else 0
+    res = index.add(texts, ids, labels=labels) if aware else index.add(texts, ids)
+    dup = res[0] if isinstance(res, tuple) else res
+    mask = np.array([d is None for d in dup], dtype=bool)
+    reasons = []
+    for d, rid, lb, text in zip(dup, ids, labels, texts):
+        if d is None:
+            continue
+        other = label_of(d)
+        if other is not None and other != lb:
+            reasons.append(f"cross-class {kind} of id {d} ({other}); this row {rid} is {lb}"
+                           + suffix)
+            cross.append({"stage": stage, "round": r, "policy": "reject", "id": rid,
+                          "label": lb, "text": text, "other_id": d, "other_label": other})
+        else:
+            reasons.append(f"{kind} of id {d}{suffix}")
+    reject(kept[~mask], reasons, stage)
+    if aware:
+        by_id = dict(zip(ids, zip(labels, texts)))
+        for rid, other_id in index.cross_pairs[seen:]:
+            lb, text = by_id.get(rid, (None, None))
+            cross.append({"stage": stage, "round": r, "policy": "keep", "id": rid,
+                          "label": lb, "text": text, "other_id": other_id,
+                          "other_label": label_of(other_id)})
+    return kept[mask].reset_index(drop=True), dup
 
 
 def _fingerprint(taxonomy: Taxonomy, settings: RecipeSettings, seed: int) -> str:

@@ -118,17 +118,21 @@ def _pattern_values(cls_templates: list[str], weights: list[float] | None) -> li
     return [i for i in range(n) for _ in range(copies[i])]
 
 
-LLM_SYSTEM_PROMPT = (
-    "You are a financial newswire editor. You write one short, factual headline in the style "
-    "of Reuters or Bloomberg wire headlines. Reply with the headline only."
-)
+def llm_system_prompt(taxonomy: Taxonomy) -> str:
+    """The writer's instructions, from the domain's own task and classes (no domain is built
+    in: the same words serve finance, cybersecurity or any other taxonomy)."""
+    classes = "; ".join(f"{c.name}: {c.definition}" for c in taxonomy.classes)
+    return (f"You write realistic, factual headlines for a labelled data set. The task the data "
+            f"is for: {taxonomy.task} The classes: {classes}. Each headline you write must "
+            "belong to the class you are given and to no other. Reply with the headline only.")
 
-LLM_PROMPT = """Event class: {{ label }} ({{ definition }}).
+
+LLM_PROMPT = """Class: {{ label }} ({{ definition }}).
 Facts to use (rephrase freely, keep names and numbers): {{ draft }}
 Headlines of this class written earlier:
 {{ examples }}
-Write one new wire headline reporting this event. Vary the wording and structure from the
-earlier headlines; do not copy them. Reply with the headline only."""
+Write one new headline of this class. Vary the wording and structure from the earlier
+headlines; do not copy them. Reply with the headline only."""
 
 
 def build_designer_config(
@@ -231,7 +235,7 @@ def build_designer_config(
         ))
         b.add_column(dd.LLMTextColumnConfig(
             name="text", model_alias=MODEL_ALIAS, prompt=LLM_PROMPT,
-            system_prompt=LLM_SYSTEM_PROMPT,
+            system_prompt=llm_system_prompt(taxonomy),
         ))
     return b
 

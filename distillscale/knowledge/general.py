@@ -18,7 +18,9 @@ a few questions per subject for few-shot prompts).
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,40 @@ def _simple(name: str) -> str:
     return re.sub(r"[^a-z0-9 ]+", " ", name.lower()).strip()
 
 
+def _reordered(name: str) -> str:
+    """ISO's inverted form the other way round: "Virgin Islands, British" -> "British Virgin
+    Islands", "Congo, The Democratic Republic of the" -> "The Democratic Republic of the Congo"."""
+    head, _, tail = name.partition(", ")
+    return f"{tail} {head}" if tail else name
+
+
+@functools.lru_cache(maxsize=1)
+def country_names() -> dict[str, str]:
+    """ISO alpha-2 code -> the country's name as the facts spell it, distinct for every country.
+
+    The short form is pycountry's common name where it has one ("South Korea", "Laos"), else
+    its name without the inverted qualifier ("Bolivia, Plurinational State of" -> "bolivia").
+    Where two countries' short forms meet ("korea" for both Koreas, "congo" for both Congos,
+    "virgin islands"), each of them is spelled out in full instead, so no fact is ever about
+    two countries at once.
+    """
+    import pycountry
+
+    short = {c.alpha_2: _simple(getattr(c, "common_name", None) or c.name)
+             for c in pycountry.countries}
+    taken = Counter(short.values())
+    out = {}
+    for c in pycountry.countries:
+        name = short[c.alpha_2]
+        if taken[name] > 1:
+            name = " ".join(_simple(_reordered(c.name)).split())
+        out[c.alpha_2] = name
+    clash = sorted(n for n, k in Counter(out.values()).items() if k > 1)
+    if clash:  # a pycountry release with new names: fail loudly rather than merge countries
+        raise RuntimeError(f"country names shared by two countries: {clash}")
+    return out
+
+
 def country_facts() -> list[tuple[str, str, str]]:
     """(country, currency, language) for every ISO country whose CLDR data names both (the
     official or, like English in the US, de facto language), sorted."""
@@ -63,6 +99,7 @@ def country_facts() -> list[tuple[str, str, str]]:
     import babel.numbers
     import pycountry
 
+    names = country_names()
     out = []
     for c in pycountry.countries:
         cur = babel.numbers.get_territory_currencies(c.alpha_2)
@@ -74,7 +111,7 @@ def country_facts() -> list[tuple[str, str, str]]:
         language = pycountry.languages.get(alpha_2=code) or pycountry.languages.get(alpha_3=code)
         if currency is None or language is None:
             continue
-        row = (_simple(c.name), _simple(currency.name), _simple(language.name))
+        row = (names[c.alpha_2], _simple(currency.name), _simple(language.name))
         if all(row):
             out.append(row)
     return sorted(set(out))
@@ -148,9 +185,20 @@ def country_name(word: str) -> str | None:
     import pycountry
 
     try:
-        return _simple(pycountry.countries.lookup(_NON_ISO.get(word.lower(), word)).name)
+        code = pycountry.countries.lookup(_NON_ISO.get(word.lower(), word)).alpha_2
     except LookupError:
-        return None
+        # CLDR's English names are the ones news uses ("Russia", "Czechia", "Bosnia &
+        # Herzegovina"), where ISO has "Russian Federation".
+        code = _cldr_english().get(word.strip().lower())
+    return country_names().get(code) if code else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cldr_english() -> dict[str, str]:
+    import babel
+
+    return {name.lower(): code for code, name in babel.Locale("en").territories.items()
+            if len(code) == 2 and code.isalpha()}
 
 
 def country_lookup(facts: list[Fact]) -> dict[str, list[str]]:

@@ -35,7 +35,8 @@ class FamilyAdapter(BaseModel):
     family: str
     # `{task}` and `{classes}` are filled from the taxonomy; None: no system message.
     system_prompt: str | None = None
-    # The user message; `{text}` is the headline.
+    # The user message; `{text}` is the headline, `{task}` and `{classes}` come from the
+    # taxonomy (for families whose system prompt is a switch, e.g. Nemotron's /think).
     user_template: str = "{text}"
     depths: dict[str, DepthSetting]
     # Markers of the reasoning trace in the generated text (stripped from the stored trace).
@@ -54,7 +55,8 @@ class FamilyAdapter(BaseModel):
         if system:
             msgs.append({"role": "system",
                          "content": system.format(task=task, classes=", ".join(classes))})
-        msgs.append({"role": "user", "content": self.user_template.format(text=text)})
+        msgs.append({"role": "user", "content": self.user_template.format(
+            text=text, task=task, classes=", ".join(classes))})
         return msgs
 
     def render(self, tokenizer, text: str, depth: str, task: str, classes: list[str]) -> str:

@@ -35,11 +35,12 @@ LABEL_WEIGHT = 3
 
 
 def teacher_facts(cfg: ExperimentConfig, taxonomy: Taxonomy):
-    """The fact set of this experiment: countries the domain's headlines name are always in."""
+    """The fact set of this experiment: the countries of the domain's `knowledge_slot` (if it
+    names one) are always in."""
     from distillscale.knowledge.general import build_facts, country_name
 
     k = cfg.teacher.knowledge
-    slot = taxonomy.slots.get("country")
+    slot = taxonomy.slots.get(taxonomy.knowledge_slot) if taxonomy.knowledge_slot else None
     named = [country_name(str(v)) for v in slot] if isinstance(slot, list) else []
     include = tuple(sorted({n for n in named if n}))
     return build_facts(cfg.seed, k.countries, k.arithmetic, k.conversions, include), include
@@ -71,7 +72,9 @@ def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     kcfg = cfg.teacher.knowledge
     facts, include = teacher_facts(cfg, taxonomy)
     corpus = knowledge_corpus(facts)
-    builder = RationaleBuilder(taxonomy, train_rows, country_lookup(facts))
+    # Rationales cite country facts only for a domain that says its headlines name countries.
+    builder = RationaleBuilder(taxonomy, train_rows,
+                               country_lookup(facts) if taxonomy.knowledge_slot else None)
     rows = [{**r, "traces": builder.traces(r)} for r in train_rows]
     # The probe's questions and choices enter the vocabulary so the evaluation can ask them.
     probe_text = [" ".join([q["question"], *q["choices"]]) for q in probe_rows(facts, cfg.seed)]

@@ -111,7 +111,8 @@ def test_csv_import_keeps_every_row_and_maps_columns(tmp_path):
 
 
 def test_unknown_override_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["data", "build", "--rows", "50", "--out", str(tmp_path / "o"), "max_rounds=0"])
+    rc = main(["data", "build", "--domain", str(TAXONOMY), "--rows", "50", "--out",
+               str(tmp_path / "o"), "max_rounds=0"])
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: command line: data.max_rounds:") and "\n" not in err

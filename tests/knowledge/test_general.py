@@ -67,3 +67,22 @@ def test_write_mmlu_probe_in_cais_mmlu_schema(tmp_path):
     # Deterministic: the same call writes the same questions.
     write_mmlu_probe(tmp_path / "again", seed=1, n=50, countries=20, arithmetic=30, conversions=20)
     pd.testing.assert_frame_equal(test, pd.read_parquet(tmp_path / "again" / "test.parquet"))
+
+
+def test_country_names_never_merge_two_countries():
+    import pycountry
+
+    from distillscale.knowledge.general import country_name, country_names
+
+    names = country_names()
+    assert len(names) == len(pycountry.countries)
+    assert len(set(names.values())) == len(names)  # every ISO country, a name of its own
+    assert names["KR"] == "south korea" and names["KP"] == "north korea"
+    assert names["CD"] != names["CG"] and names["VG"] != names["VI"]
+    # every ISO name, official name and common name resolves back to its own country
+    for c in pycountry.countries:
+        for spelling in {c.name, getattr(c, "official_name", c.name),
+                         getattr(c, "common_name", c.name)}:
+            assert country_name(spelling) == names[c.alpha_2], spelling
+    assert country_name("South Korea") != country_name("North Korea")
+    assert country_name("Russia") == names["RU"] and country_name("Atlantis") is None

@@ -19,10 +19,10 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results_long.csv"
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     fit_dir = out / "fit"
-    assert main(["fit", "--results", str(FIXTURE), "--out", str(fit_dir),
+    assert main(["fit", "--results", str(FIXTURE), "--out", str(fit_dir), "--num-classes", "35",
                  "fit.bootstrap_samples=10", "fit.x=compression_ratio"]) == 0
     assert main(["report", "--results", str(FIXTURE), "--fits", str(fit_dir),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--num-classes", "35"]) == 0
     return out
 
 
