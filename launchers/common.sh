@@ -172,8 +172,10 @@ ds_submit() {
   if [[ "${DS_DRY_RUN}" == 1 ]]; then
     echo "# plan: ${DS_LAUNCH_KIND} ${DS_NAME}: ${DS_NODES} node(s) x ${DS_GPUS_PER_NODE} GPU(s)," \
          "world ${DS_WORLD_SIZE} = TP ${DS_TENSOR_PARALLEL} x PP ${DS_PIPELINE_PARALLEL} x DP ${DS_DATA_PARALLEL}"
-    [[ "${DS_LAUNCH_KIND}" == prune_distill ]] &&
-      echo "# distill: backend ${DS_DISTILL_BACKEND}, sequence parallel ${DS_SEQUENCE_PARALLEL}"
+    if [[ "${DS_LAUNCH_KIND}" == prune_distill ]]; then
+      echo "# prune: TP ${DS_PRUNE_TENSOR_PARALLEL} x PP ${DS_PRUNE_PIPELINE_PARALLEL} x DP ${DS_PRUNE_DATA_PARALLEL} (Minitron prunes an unsharded model)"
+      echo "# distill: backend ${DS_DISTILL_BACKEND}, sequence parallel ${DS_SEQUENCE_PARALLEL}, every planned student fits TP ${DS_TENSOR_PARALLEL} x PP ${DS_PIPELINE_PARALLEL}"
+    fi
     echo "# submit:"
     ds_print_cmd "${sb[@]}"
     echo "# then inside the job:"

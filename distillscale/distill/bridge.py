@@ -86,7 +86,18 @@ from distillscale.config import ConfigError, DistillConfig, ExperimentConfig, Lo
 BACKENDS = ("auto", "local", "bridge")
 
 # Megatron names of the linears LoRA wraps: fused QKV, attention output, SwiGLU up/gate, down.
-LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+# Anchored at the student's own decoder: Bridge's matcher (peft/module_matcher.py) accepts a
+# bare leaf name anywhere in the tree, which also wraps the linears of ModelOpt's co-located
+# `_teacher_model`; `wildcard_match` anchors the pattern at the start of the full name.
+LORA_TARGETS = ["decoder.layers.*.self_attention.linear_qkv",
+                "decoder.layers.*.self_attention.linear_proj",
+                "decoder.layers.*.mlp.linear_fc1", "decoder.layers.*.mlp.linear_fc2"]
+
+
+def bridge_seed(seed: int) -> int:
+    """Bridge's RNG seed for our `seed`: Bridge asserts a positive seed
+    (training/initialize.py, `seed_ > 0`), our configs start at 0; +1 keeps seeds distinct."""
+    return seed + 1
 
 
 class BridgeUnavailableError(ConfigError):
@@ -329,17 +340,40 @@ def sft_prompt(row: dict, supervision: str) -> str:
     return f"{PROMPT_HEAD} {row['text']} {THINK_OPEN[depth]}"
 
 
+def chat_template_of(hf_dir: str | Path):
+    """The teacher's tokenizer when it has a chat template (its supervision was generated in
+    that template), else None (the tiny family's prompt format)."""
+    if not (Path(hf_dir) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    return tok if getattr(tok, "chat_template", None) else None
+
+
+def chat_prompt(tokenizer, row: dict) -> str:
+    """The user turn in the teacher's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": row["text"]}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
 def write_sft_jsonl(rows: list[dict], val_rows: list[dict], folder: Path,
-                    supervision: str, val_format: str | None = None) -> Path:
+                    supervision: str, chat_tokenizer=None, val_format: str | None = None) -> Path:
     """`training.jsonl` / `validation.jsonl` with `input` / `output` (Bridge's prompt-completion
-    schema; the loss is on the output only). Validation rows are written in `val_format`
-    (default: the training format); `label` for validation rows without teacher traces."""
+    schema; the loss is on the output only). With `chat_tokenizer` the prompt is the teacher's
+    chat template (the format its supervision was produced in), else the tiny family's.
+    Validation rows are written in `val_format` (default: the training format); `label` for
+    validation rows without teacher traces."""
     from distillscale.manifest import write_text_atomic
+
+    def prompt(r, fmt):
+        return chat_prompt(chat_tokenizer, r) if chat_tokenizer is not None else \
+            sft_prompt(r, fmt)
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, part, fmt in (("training.jsonl", rows, supervision),
                             ("validation.jsonl", val_rows, val_format or supervision)):
-        lines = [json.dumps({"input": sft_prompt(r, fmt),
+        lines = [json.dumps({"input": prompt(r, fmt),
                              "output": sft_completion(r, fmt)}) for r in part]
         write_text_atomic(folder / name, "\n".join(lines) + "\n")
     return folder
@@ -398,7 +432,7 @@ def config_container(cfg: ExperimentConfig, student_hf: str | Path, teacher_hf: 
                                     # Bridge's PEFT hook insists on a base checkpoint to load
                                     # before adding adapters; an HF folder is accepted.
                                     pretrained_checkpoint=str(student_hf) if lora else None),
-        rng=RNGConfig(seed=cfg.seed),
+        rng=RNGConfig(seed=bridge_seed(cfg.seed)),
         mixed_precision="bf16_mixed",
         peft=lora_peft(cfg.distill) if lora else None,
     )
@@ -416,26 +450,20 @@ def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, ou
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    # Each rank reads its own copy of the (small, deterministic) JSONL from its own stage folder,
-    # so no rank waits on another before Bridge initialises torch.distributed; checkpoints are
-    # sharded across ranks and live in rank 0's folder, which every rank names the same way.
-    sft = write_sft_jsonl(train_rows, val_rows, out_dir / "sft", cfg.distill.supervision,
-                          val_format)
     shared = writer_path(out_dir)
+    # One dataset for every rank: Bridge builds the memmap index of the files it is given on
+    # global rank 0 (and each node's local rank 0) only, so every rank must name the same path.
+    sft = shared_sft_dataset(train_rows, val_rows, shared / "sft", cfg.distill.supervision,
+                             rank, chat_template_of(teacher_hf), val_format=val_format)
     container = config_container(cfg, student_hf, teacher_hf, shared, world, dataset_root=sft)
     from megatron.bridge.training.distill import distill
 
-    distill(container)  # Bridge's KD entry point: pretrain() with the ModelOpt forward step
     ckpt = Path(container.checkpoint.save)
-    done = checkpointed_iteration(ckpt)
-    if done < container.train.train_iters:
-        # Bridge returns normally after a signal-triggered checkpoint: that is a preemption, not
-        # a finished stage (the temp folder keeps the checkpoint; the requeued job resumes).
-        from distillscale.train import preemption
-
-        preemption.stop("distill (bridge)", ckpt, done)
+    run_or_requeue(lambda: distill(container), ckpt, container.train.train_iters)
     if rank == 0:
-        _export_hf(cfg, student_hf, ckpt, shared / "hf")
+        # Its own process: Bridge's export opens a world-1 process group of its own, which
+        # clashes with the one this process holds (and with the other ranks' next rendezvous).
+        export_in_fresh_process(cfg.distill.method, student_hf, ckpt, shared / "hf")
     return {"backend": "bridge", "world_size": world,
             "tensor_parallel": container.model.tensor_model_parallel_size,
             "pipeline_parallel": container.model.pipeline_model_parallel_size,
@@ -443,6 +471,55 @@ def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, ou
             "global_batch_size": container.train.global_batch_size,
             "train_iters": container.train.train_iters,
             "steps_per_epoch": math.ceil(len(train_rows) / container.train.global_batch_size)}
+
+
+def run_or_requeue(train, ckpt: Path, train_iters: int) -> None:
+    """Run Bridge's training; a stop before `train_iters` is a preemption (exit 75, requeue).
+
+    On its exit signal Bridge checkpoints and calls `sys.exit(0)` (training/train.py, after
+    `checkpoint_and_decide_exit`), which `pretrain` re-raises: caught here, the checkpoint is
+    confirmed from Megatron's tracker file, and the stage exits with the requeue code."""
+    from distillscale.train import preemption
+
+    try:
+        train()
+    except preemption.Preempted:
+        raise
+    except SystemExit as e:
+        done = checkpointed_iteration(ckpt)
+        if done >= train_iters:
+            return
+        if e.code not in (0, None) or done == 0:
+            raise RuntimeError(f"distill (bridge): training exited with {e.code!r} before "
+                               f"step {train_iters} and no checkpoint under {ckpt}") from e
+        preemption.stop("distill (bridge)", ckpt, done)
+    done = checkpointed_iteration(ckpt)
+    if done < train_iters:
+        preemption.stop("distill (bridge)", ckpt, done)
+
+
+def shared_sft_dataset(rows: list[dict], val_rows: list[dict], folder: Path, supervision: str,
+                       rank: int, chat_tokenizer=None, timeout_s: float = 600.0,
+                       val_format: str | None = None) -> Path:
+    """Rank 0 writes the SFT JSONL into `folder` (rank 0's stage folder); the other ranks wait
+    for its `ready` marker (torch.distributed is not up yet) and read the same files."""
+    import time
+
+    from distillscale.manifest import write_text_atomic
+
+    marker = folder / "ready"
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+        write_sft_jsonl(rows, val_rows, folder, supervision, chat_tokenizer, val_format)
+        write_text_atomic(marker, f"{len(rows)} {len(val_rows)}\n")
+        return folder
+    deadline = time.monotonic() + timeout_s
+    want = f"{len(rows)} {len(val_rows)}"
+    while not (marker.is_file() and marker.read_text().strip() == want):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{marker}: rank 0 did not write the SFT dataset in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return folder
 
 
 def checkpointed_iteration(ckpt: Path) -> int:
@@ -454,11 +531,13 @@ def checkpointed_iteration(ckpt: Path) -> int:
     return int(text) if text.isdigit() else 0
 
 
-def _export_hf(cfg: ExperimentConfig, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
+def export_hf(method: str, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
+    """HF export of the trained checkpoint (run in a process of its own: see
+    `export_in_fresh_process`)."""
     from megatron.bridge import AutoBridge
 
     bridge = AutoBridge.from_hf_pretrained(str(student_hf))
-    if cfg.distill.method != "lora_kd":
+    if method != "lora_kd":
         bridge.export_ckpt(str(ckpt), str(hf_out), source_path=str(student_hf))
         return
     # LoRA: Bridge writes the adapters in HF-PEFT format; peft merges them into the student.
@@ -466,8 +545,33 @@ def _export_hf(cfg: ExperimentConfig, student_hf: Path, ckpt: Path, hf_out: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapters = hf_out.parent / "hf_adapter"
-    bridge.export_adapter_ckpt(str(ckpt), str(adapters))
+    # The `iter_*` folder: `export_adapter_ckpt` reads `run_config.yaml` there or in its parent
+    # (auto_bridge.py) and otherwise falls back to default LoRA settings.
+    it = checkpointed_iteration(ckpt)
+    bridge.export_adapter_ckpt(str(ckpt / f"iter_{it:07d}" if it else ckpt), str(adapters))
     base = AutoModelForCausalLM.from_pretrained(str(student_hf))
     merged = PeftModel.from_pretrained(base, str(adapters)).merge_and_unload()
     merged.save_pretrained(str(hf_out))
     AutoTokenizer.from_pretrained(str(student_hf)).save_pretrained(str(hf_out))
+
+
+def export_in_fresh_process(method: str, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
+    """`export_hf` as its own single-process step: no inherited rank variables, its own
+    rendezvous port, so it neither re-initialises this process's group nor meets the job's."""
+    import socket
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = ("import sys; from pathlib import Path; from distillscale.distill.bridge import "
+            "_bridge_imports, export_hf; _bridge_imports(); "
+            "export_hf(sys.argv[1], *map(Path, sys.argv[2:]))")
+    res = subprocess.run([sys.executable, "-c", code, method, str(student_hf), str(ckpt),
+                          str(hf_out)], env=env, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{ckpt}: HF export to {hf_out} failed (exit {res.returncode})")

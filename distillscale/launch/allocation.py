@@ -35,6 +35,12 @@ class LaunchPlan:
     pipeline_parallel: int
     data_parallel: int
     vllm_tensor_parallel: int
+    # The prune stage's own layout: Minitron scores and prunes an unsharded model (ModelOpt
+    # checks only that the *config* says TP 1; megatron-core shards by the process group), so
+    # it runs at TP 1 x PP 1, every rank holding the whole model (`prune_layout`).
+    prune_tensor_parallel: int
+    prune_pipeline_parallel: int
+    prune_data_parallel: int
     # Shown by the launchers' plan line; the recipe reads them from the same config + overrides.
     sequence_parallel: bool
     distill_backend: str
@@ -108,6 +114,7 @@ def plan_launch(
                 "--nodes / --gpus-per-node"
             )
         dp = world // (tp * pp)
+        check_student_layouts(cfg, tp, pp, lc.sequence_parallel and tp > 1)
     elif kind in ("teacher", "eval"):
         tasks_per_node, world, dp = 1, nodes, nodes
         if gpus > 0 and vtp > gpus:
@@ -137,10 +144,104 @@ def plan_launch(
         kind=kind, name=cfg.name, run_dir=str(cfg.run_dir), nodes=nodes, gpus_per_node=gpus,
         tasks_per_node=tasks_per_node, world_size=world, tensor_parallel=tp,
         pipeline_parallel=pp, data_parallel=dp, vllm_tensor_parallel=vtp,
+        **dict(zip(("prune_tensor_parallel", "prune_pipeline_parallel", "prune_data_parallel"),
+                   prune_layout(world))),
         sequence_parallel=lc.sequence_parallel and tp > 1, distill_backend=cfg.distill.backend,
         image=image or lc.container, mounts=",".join(mounts), time=time or lc.time,
         partition=partition or lc.partition or "", account=account or lc.account or "",
     )
+
+
+def prune_layout(world_size: int) -> tuple[int, int, int]:
+    """(TP, PP, DP) of the prune stage. TP is 1 by Minitron's design; PP is 1 because our
+    prune builder (distillscale/models/megatron_gpt.py `build_gpt`) builds one pipeline stage:
+    an 8B teacher in bf16 (16 GB) plus calibration activations fits one 80 GB GPU."""
+    return 1, 1, world_size
+
+
+def teacher_arch_from_hf(hf_dir: Path):
+    """(ModelArch, vocab size) from an HF teacher's config.json, without loading weights."""
+    import json
+
+    from distillscale.config import ModelArch
+
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"teacher.hf_path: {path} not found (the launch plan reads the "
+                          "teacher's shape from it)")
+    c = json.loads(path.read_text())
+    try:
+        arch = ModelArch(
+            num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+            ffn_hidden_size=c["intermediate_size"], num_attention_heads=c["num_attention_heads"],
+            num_query_groups=c.get("num_key_value_heads", c["num_attention_heads"]),
+            kv_channels=c.get("head_dim"),
+            seq_length=min(int(c.get("max_position_embeddings", 4096)), 4096),
+            rotary_base=float(c.get("rope_theta", 10000.0)),
+            norm_epsilon=float(c.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise ConfigError(f"{path}: no {e.args[0]!r} (not a decoder-only LM config)") from e
+    return arch, int(c["vocab_size"])
+
+
+def layout_problem(arch, tp: int, pp: int, sequence_parallel: bool, seq_length: int) -> str | None:
+    """Why megatron-core would refuse `arch` at TP x PP (None: it fits). The asserts it would hit
+    only when the model is built: transformer_block.py (layers % PP), attention.py (heads and
+    query groups % TP), ColumnParallelLinear (FFN % TP), sequence parallel (sequence % TP)."""
+    checks = [
+        (arch.num_layers % pp, f"num_layers {arch.num_layers} % pipeline_parallel {pp}"),
+        (arch.num_attention_heads % tp,
+         f"num_attention_heads {arch.num_attention_heads} % tensor_parallel {tp}"),
+        (arch.num_query_groups % tp,
+         f"num_query_groups {arch.num_query_groups} % tensor_parallel {tp}"),
+        (arch.ffn_hidden_size % tp, f"ffn_hidden_size {arch.ffn_hidden_size} % tensor_parallel {tp}"),
+        (sequence_parallel and seq_length % tp,
+         f"seq_length {seq_length} % tensor_parallel {tp} (sequence parallel)"),
+    ]
+    bad = [what + " != 0" for failed, what in checks if failed]
+    return "; ".join(bad) if bad else None
+
+
+def check_student_layouts(cfg: ExperimentConfig, tp: int, pp: int, sequence_parallel: bool) -> None:
+    """Every student the schedule plans (every step), and the teacher, must fit the distill
+    layout; checked here, before an allocation is asked for. Needs the teacher's shape: an HF
+    teacher's config.json, or the trained teacher's arch.json once it exists (else skipped)."""
+    import json
+
+    from distillscale.config import ModelArch
+
+    try:  # the schedule imports torch (through the Minitron shape search)
+        from distillscale.prune.schedule import plan_schedule
+    except ImportError as e:
+        import sys
+
+        print(f"launch plan: student layouts not checked on this host ({e}); set "
+              "DISTILLSCALE_PYTHON to a Python with torch", file=sys.stderr)
+        return
+    if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
+        arch, vocab = teacher_arch_from_hf(Path(cfg.teacher.hf_path))
+    else:
+        meta = Path(cfg.run_dir) / "teacher" / "checkpoint" / "arch.json"
+        if not meta.is_file():
+            return  # a scratch teacher not yet trained: its shape is the config's, checked below
+        m = json.loads(meta.read_text())
+        arch, vocab = ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    seq = cfg.distill.seq_length or arch.seq_length
+    why = layout_problem(arch, tp, pp, sequence_parallel, seq)
+    if why:
+        raise ConfigError(f"teacher: does not fit launch.tensor_parallel={tp} x "
+                          f"launch.pipeline_parallel={pp}: {why}")
+    for student in cfg.students:
+        for k, step in enumerate(plan_schedule(arch, vocab, student, cfg.prune), 1):
+            why = layout_problem(step.arch, tp, pp, sequence_parallel, seq)
+            if why:
+                at = f" (step {k})" if k > 1 else ""
+                raise ConfigError(
+                    f"student {student.name}{at}: planned shape {step.arch.num_layers} layers, "
+                    f"{step.arch.num_attention_heads} heads / {step.arch.num_query_groups} query "
+                    f"groups, ffn {step.arch.ffn_hidden_size} does not fit launch.tensor_parallel="
+                    f"{tp} x launch.pipeline_parallel={pp}: {why}; change the student or the layout")
 
 
 def _data_gpus(cfg: ExperimentConfig) -> int:

@@ -185,7 +185,7 @@ def test_config_container_fields(hf_pair, tmp_path):
     ck = c.checkpoint
     assert ck.save == ck.load == str(tmp_path / "checkpoints" / "bridge")
     assert ck.save_interval == 50 and ck.ckpt_format == "torch_dist"
-    assert c.mixed_precision == "bf16_mixed" and c.rng.seed == 7 and c.peft is None
+    assert c.mixed_precision == "bf16_mixed" and c.rng.seed == 8 and c.peft is None  # Bridge asserts seed > 0: seed + 1
     assert ck.pretrained_checkpoint is None
     assert c.train.exit_signal_handler is True and c.train.exit_signal == signal.SIGUSR1
     assert isinstance(c.dataset, GPTSFTDatasetConfig)
@@ -203,7 +203,15 @@ def test_lora_kd_uses_bridge_lora(hf_pair, tmp_path):
     c = bridge.config_container(cfg, student, teacher, tmp_path, world_size=1)
     assert isinstance(c.peft, LoRA)
     assert (c.peft.dim, c.peft.alpha) == (16, 32)
-    assert c.peft.target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    from megatron.bridge.peft.utils import wildcard_match
+
+    # Anchored at the student's own decoder: Bridge matches the full module name, so no target
+    # can reach ModelOpt's registered `_teacher_model` (bare leaf names put adapters there too).
+    for leaf in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                 "mlp.linear_fc2"):
+        assert any(wildcard_match(t, f"decoder.layers.3.{leaf}") for t in c.peft.target_modules)
+        assert not any(wildcard_match(t, f"_teacher_model.decoder.layers.3.{leaf}")
+                       for t in c.peft.target_modules)
     assert c.model.sequence_parallel is False  # TP=1
     assert c.checkpoint.pretrained_checkpoint == str(student)  # Bridge's PEFT base weights
 
@@ -245,24 +253,97 @@ def test_gpu_8b_recipe_maps_to_a_16_gpu_layout():
     cfg = load_config(ROOT / "conf" / "experiments" / "gpu_8b.yaml")
     assert cfg.teacher.source == "hf" and cfg.distill.backend == "bridge"
     layout = bridge.parallel_layout(cfg, 16)
-    assert layout == bridge.ParallelLayout(4, 2, True, 2)
-    assert bridge.batch_sizes(cfg.distill.train, layout.data_parallel) == (4, 256)
+    assert layout == bridge.ParallelLayout(4, 1, True, 4)
+    assert bridge.batch_sizes(cfg.distill.train, layout.data_parallel) == (2, 256)
     kd = bridge.kd_config(cfg.distill.loss)
     assert kd.skip_lm_loss is False and kd.kd_loss_scale == pytest.approx(9.0)
 
 
-def test_launcher_dry_run_shows_and_passes_backend_and_parallel_sizes():
-    import subprocess
+def qwen3_8b_dir(folder: Path) -> Path:
+    """A folder with only a Qwen3-8B-shaped config.json and a small word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    out = subprocess.run(
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+        "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "vocab_size": 151936}))
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def _dry_run(*overrides):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
         ["bash", "launchers/prune_distill.sh", "--dry-run", "--config",
-         "conf/experiments/gpu_8b.yaml", "launch.sequence_parallel=false", "distill.backend=auto"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
-    assert "world 16 = TP 4 x PP 2 x DP 2" in out
-    assert "# distill: backend auto, sequence parallel False" in out
+         "conf/experiments/gpu_8b.yaml", "--nodes", "2", "--gpus-per-node", "8", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, DISTILLSCALE_PYTHON=sys.executable))
+
+
+def test_launcher_dry_run_shows_prune_and_distill_layouts(tmp_path):
+    hf = qwen3_8b_dir(tmp_path / "qwen3-8b")
+    res = _dry_run(f"teacher.hf_path={hf}", "launch.sequence_parallel=false",
+                   "distill.backend=auto")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "world 16 = TP 4 x PP 1 x DP 4" in out
+    assert "# prune: TP 1 x PP 1 x DP 16" in out
+    assert "# distill: backend auto, sequence parallel False, every planned student fits" in out
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert srun.rstrip().endswith("recipes/prune_distill.py conf/experiments/gpu_8b.yaml "
-                         "launch.sequence_parallel=false distill.backend=auto")
+    assert srun.rstrip().endswith(f"recipes/prune_distill.py conf/experiments/gpu_8b.yaml "
+                                  f"teacher.hf_path={hf} launch.sequence_parallel=false "
+                                  "distill.backend=auto")
+
+
+def test_a_layout_that_cannot_hold_a_student_is_refused_naming_it(tmp_path):
+    hf = qwen3_8b_dir(tmp_path / "qwen3-8b")
+    # Qwen3-8B's embeddings are 15% of its parameters: depth_0.16 keeps 1 of 36 layers.
+    res = _dry_run(f"teacher.hf_path={hf}", "launch.pipeline_parallel=2")
+    assert res.returncode == 2 and "srun" not in res.stdout
+    err = [line for line in res.stderr.splitlines() if line.startswith("error: student")]
+    assert err == ["error: student depth_0.16: planned shape 1 layers, 32 heads / 8 query "
+                   "groups, ffn 12288 does not fit launch.tensor_parallel=4 x "
+                   "launch.pipeline_parallel=2: num_layers 1 % pipeline_parallel 2 != 0; "
+                   "change the student or the layout"]
+    # TP 8: heads 32 and groups 8 divide, but a width student's query groups may not.
+    res = _dry_run(f"teacher.hf_path={hf}", "launch.tensor_parallel=8",
+                   "launch.pipeline_parallel=1")
+    assert res.returncode in (0, 2)
+    if res.returncode == 2:
+        assert "% tensor_parallel 8 != 0" in res.stderr
+
+
+def test_layout_problem_names_every_constraint():
+    from distillscale.config import ModelArch
+    from distillscale.launch.allocation import layout_problem
+
+    arch = ModelArch(num_layers=3, hidden_size=96, ffn_hidden_size=250, num_attention_heads=6,
+                     num_query_groups=3)
+    assert layout_problem(arch, 1, 3, False, 64) is None
+    why = layout_problem(arch, 2, 2, True, 63)
+    assert why == ("num_layers 3 % pipeline_parallel 2 != 0; num_query_groups 3 % "
+                   "tensor_parallel 2 != 0; seq_length 63 % tensor_parallel 2 "
+                   "(sequence parallel) != 0")
+    assert "num_attention_heads 6 % tensor_parallel 4" in layout_problem(arch, 4, 1, False, 64)
+
+
+def test_teacher_shape_from_an_hf_config_json(tmp_path):
+    from distillscale.launch.allocation import teacher_arch_from_hf
+
+    arch, vocab = teacher_arch_from_hf(qwen3_8b_dir(tmp_path / "q"))
+    assert (arch.num_layers, arch.num_query_groups, arch.kv_channels, vocab) == (36, 8, 128, 151936)
+    with pytest.raises(ConfigError, match=r"config.json not found"):
+        teacher_arch_from_hf(tmp_path / "missing")
 
 
 def test_checkpointed_iteration_reads_megatrons_tracker(tmp_path):
