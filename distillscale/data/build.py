@@ -142,7 +142,7 @@ def validate_rows(
     known = set(taxonomy.labels)
     match = taxonomy.match_label
     kept, rejects = [], []
-    by_text: dict[str, str] = {}  # text hash -> id of the row kept with that text
+    by_text: dict[str, tuple[str, str]] = {}  # text hash -> (id, label) of the row kept with it
     by_id: dict[str, int] = {}  # id -> input row that holds it
     for i, raw in enumerate(raw_rows):
         def reject(reason: str, shown=None, i=i, raw=raw) -> None:
@@ -177,7 +177,8 @@ def validate_rows(
             continue
         th = row_id(text)
         if th in by_text:
-            reject(f"duplicate of id {by_text[th]}")
+            first_id, first_label = by_text[th]
+            reject(_duplicate_reason(first_id, label, first_label))
             continue
         rid = th
         if not _absent(raw.get("id")):
@@ -188,7 +189,7 @@ def validate_rows(
         if rid in by_id:
             reject(f"id already used (id {rid}, first on row {by_id[rid]})")
             continue
-        by_text[th], by_id[rid] = rid, i
+        by_text[th], by_id[rid] = (rid, label), i
         kept.append({"id": rid, "text": text, "label": label, "gold_label": gold})
     return kept, rejects
 

@@ -65,7 +65,10 @@ def checkpoint_fingerprint(model: torch.nn.Module, cfg: TrainConfig, seed: int,
     payload = {
         "train": cfg.model_dump(mode="json"), "seed": seed, "num_examples": num_examples,
         "desc": desc,
-        "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
+        # Wrapped models (ModelOpt's DistillationModel) also hold non-tensor entries (None
+        # extra states): only tensors describe the model's shape.
+        "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()
+                   if isinstance(v, torch.Tensor)],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
