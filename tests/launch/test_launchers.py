@@ -194,8 +194,8 @@ def test_sweep_submits_dependent_arrays_and_skips_finished_cells(fake_slurm, tmp
 
     # A finished cell is skipped on the next submission, the others keep their order.
     mark_done(cfg)
-    for up in (tmp_path / "sweep" / "upstream").iterdir():  # finished data + teacher
-        for stage in ("data", "teacher"):
+    for up in (tmp_path / "sweep" / "upstream").iterdir():  # finished data/teacher/supervision
+        for stage in ("data", "teacher", "supervision"):
             (up / stage).mkdir(parents=True, exist_ok=True)
             (up / stage / "manifest.json").write_text("{}")
     launch("sweep.sh", "--sweep", str(sweep), env=fake_slurm.env())

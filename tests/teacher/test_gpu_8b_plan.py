@@ -53,7 +53,7 @@ def test_launch_plans_check_the_layout(cfg):
 
     plan = plan_launch(cfg, "prune_distill")
     assert (plan.world_size, plan.tensor_parallel, plan.pipeline_parallel,
-            plan.data_parallel) == (16, 4, 2, 2)
+            plan.data_parallel) == (16, 4, 1, 4)  # PP 1: depth_0.16 has 1 layer
     assert plan_launch(cfg, "teacher").gpus_per_node == cfg.launch.vllm_tensor_parallel
     with pytest.raises(ConfigError):
         plan_launch(cfg, "prune_distill", nodes=1, gpus_per_node=6)  # 6 ranks: not a multiple of TP 4 x PP 2
