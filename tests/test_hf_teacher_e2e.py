@@ -52,6 +52,7 @@ def run(request, checkpoints, tmp_path_factory, megatron):
 
 
 @pytest.mark.slow
+@pytest.mark.long_e2e
 def test_hf_teacher_runs_every_stage(run):
     from distillscale.models.checkpoint import load_model
     from distillscale.models.megatron_gpt import forward_logits

@@ -90,6 +90,7 @@ def _student(axis: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long_e2e
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_every_combination_runs_through_distillscale_run(case, upstream, tmp_path):
     method, supervision, logits, schedule, axis, kind = case

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long_e2e
 def test_fused_head_run_lowers_the_validation_kl(tmp_path, megatron):
     out = tmp_path / "run"
     rc = main(["run", str(ROOT / "conf/experiments/quickstart.yaml"),
