@@ -13,6 +13,7 @@ from distillscale import stages
 from distillscale.config import ExperimentConfig, StudentTarget
 from distillscale.recipes import run_recipe
 from distillscale.runner import Paths, Runner
+from distillscale.runner import student_folders as runner_student_folders
 from distillscale.stages.rows import load_split
 
 __all__ = [
@@ -93,4 +94,4 @@ def student_steps(cfg: ExperimentConfig, student: StudentTarget):
 
 
 def student_folders(cfg: ExperimentConfig, student: StudentTarget) -> list[tuple[int, Path, Path]]:
-    return stages.prune.student_folders(Runner(cfg).ctx, student)
+    return runner_student_folders(Runner(cfg).ctx, student)

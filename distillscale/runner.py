@@ -38,12 +38,14 @@ import torch
 from pydantic import BaseModel
 
 from distillscale.compat.console import stderr_console
-from distillscale.config import ExperimentConfig, StudentTarget
+from distillscale.config import ExperimentConfig, ModelArch, StudentTarget
 from distillscale.domain import Taxonomy, load_taxonomy
 from distillscale.launch.allocation import check_world_size
 from distillscale.launch.ranks import is_rank_zero, wait_for_stage, world_size
 from distillscale.manifest import StageOutput, atomic_stage, read_manifest, stale_reason
-from distillscale.prune.schedule import Step
+from distillscale.models.hf_io import arch_from_hf_config
+from distillscale.prune.schedule import Step, plan_schedule
+from distillscale.teacher.stage import resolve_hf_path
 from distillscale.train import preemption
 
 console = stderr_console()
@@ -113,6 +115,31 @@ class Context:
         return self._taxonomy
 
 
+def student_steps(ctx: Context, student: StudentTarget) -> list[Step]:
+    """The schedule's prune steps for `student` (`prune/schedule.py`), planned on the teacher's
+    shape from its checkpoint (no model is loaded)."""
+    meta = ctx.paths.teacher / "checkpoint" / "arch.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        arch, vocab = ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    elif ctx.cfg.teacher.source == "hf":
+        # Before the teacher stage (e.g. a GPU teacher planned on a laptop): the shape is the
+        # checkpoint's config.json; no weights are read.
+        arch, vocab = arch_from_hf_config(resolve_hf_path(ctx.cfg.teacher.hf_path))
+    else:
+        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
+    return plan_schedule(arch, vocab, student, ctx.cfg.prune)
+
+
+def student_folders(ctx: Context, student: StudentTarget) -> list[tuple[int, Path, Path]]:
+    """(step, pruned folder, distilled folder) of every step; the last step is the student's own
+    `pruned/` and `distilled/`, earlier ones live under `step<k>/`."""
+    p, n = ctx.paths, len(student_steps(ctx, student))
+    return [(k, p.pruned(student.name, None if k == n else k),
+             p.distilled(student.name, None if k == n else k)) for k in range(1, n + 1)]
+
+
+
 def identity_hash(cfg: ExperimentConfig, stage: Stage, extra: dict | None = None) -> str:
     """A stage's resume key: the config sections it depends on plus its further identity keys
     (and its version once bumped). The one place a stage identity is hashed."""
@@ -159,8 +186,6 @@ class Runner:
     def schedule(self, student: StudentTarget) -> list[Step]:
         """The prune steps of `student`'s schedule (one for one-shot), planned on the teacher's
         shape without loading a model."""
-        from distillscale.stages.prune import student_steps
-
         return student_steps(self.ctx, student)
 
     def __call__(self, stage, folder: Path | None = None, **kw) -> Path:

@@ -15,8 +15,8 @@ from distillscale.distill.export import check_hf_export
 from distillscale.eval.indomain import predict_labels
 from distillscale.manifest import StageOutput
 from distillscale.models.hf_io import save_hf
-from distillscale.runner import Context, Stage
-from distillscale.stages.prune import step_label, student_folders, student_steps
+from distillscale.runner import Context, Stage, student_folders, student_steps
+from distillscale.stages.prune import step_label
 from distillscale.stages.rows import encoder, format_val_rows, load_split, train_rows
 from distillscale.teacher.supervision import load_supervision_rows
 

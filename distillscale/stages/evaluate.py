@@ -12,8 +12,7 @@ import pandas as pd
 from distillscale.eval.general import evaluate_hf_export
 from distillscale.eval.indomain import generate_labels, predict_labels, score_detailed
 from distillscale.manifest import StageOutput
-from distillscale.runner import Context, Stage, console
-from distillscale.stages.prune import student_folders
+from distillscale.runner import Context, Stage, console, student_folders
 from distillscale.stages.rows import encoder, load_split
 
 RESULT_COLUMNS = ("model", "params", "compression_ratio", "axis", "schedule", "step", "method",

@@ -3,43 +3,16 @@ forwards, then width or depth pruning), saved with its HF export (`prune/minitro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from distillscale.config import ModelArch, StudentTarget
+from distillscale.config import StudentTarget
 from distillscale.distill.export import check_hf_export
 from distillscale.manifest import StageOutput, input_hash, read_manifest
-from distillscale.models.hf_io import arch_from_hf_config, save_hf
-from distillscale.prune.schedule import Step, plan_schedule
-from distillscale.runner import Context, Stage
+from distillscale.models.hf_io import save_hf
+from distillscale.runner import Context, Stage, student_folders, student_steps
 from distillscale.stages.rows import encoder, load_split
-from distillscale.teacher.stage import resolve_hf_path
-
-
-def student_steps(ctx: Context, student: StudentTarget) -> list[Step]:
-    """The schedule's prune steps for `student` (`prune/schedule.py`), planned on the teacher's
-    shape from its checkpoint (no model is loaded)."""
-    meta = ctx.paths.teacher / "checkpoint" / "arch.json"
-    if meta.is_file():
-        m = json.loads(meta.read_text())
-        arch, vocab = ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
-    elif ctx.cfg.teacher.source == "hf":
-        # Before the teacher stage (e.g. a GPU teacher planned on a laptop): the shape is the
-        # checkpoint's config.json; no weights are read.
-        arch, vocab = arch_from_hf_config(resolve_hf_path(ctx.cfg.teacher.hf_path))
-    else:
-        raise FileNotFoundError(f"{meta}: missing; run the teacher stage first")
-    return plan_schedule(arch, vocab, student, ctx.cfg.prune)
-
-
-def student_folders(ctx: Context, student: StudentTarget) -> list[tuple[int, Path, Path]]:
-    """(step, pruned folder, distilled folder) of every step; the last step is the student's own
-    `pruned/` and `distilled/`, earlier ones live under `step<k>/`."""
-    p, n = ctx.paths, len(student_steps(ctx, student))
-    return [(k, p.pruned(student.name, None if k == n else k),
-             p.distilled(student.name, None if k == n else k)) for k in range(1, n + 1)]
 
 
 def step_label(ctx: Context, student: StudentTarget, step: int) -> str:
