@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from distillscale.config import ConfigError, ExperimentConfig, config_to_yaml
-from distillscale.launch.ranks import is_rank_zero
-from distillscale.manifest import write_text_atomic
+from distillscale.config import ConfigError, ExperimentConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -81,10 +79,9 @@ def run_recipe(cfg: ExperimentConfig, name: str | None = None) -> Path:
     module = load(name)
     check_requirements(module, cfg, name)
     t0 = time.time()
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        write_text_atomic(cfg.run_dir / "config.yaml", config_to_yaml(cfg))
-    module.main(Runner(cfg))
+    run = Runner(cfg)
+    run.record_config()
+    module.main(run)
     report = cfg.run_dir / "report.md"
     console.print(f"[bold green]done[/bold green] in {time.time() - t0:.0f}s: {report}")
     return report

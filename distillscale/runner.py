@@ -38,11 +38,17 @@ import torch
 from pydantic import BaseModel
 
 from distillscale.compat.console import stderr_console
-from distillscale.config import ExperimentConfig, ModelArch, StudentTarget
+from distillscale.config import ExperimentConfig, ModelArch, StudentTarget, config_to_yaml
 from distillscale.domain import Taxonomy, load_taxonomy
 from distillscale.launch.allocation import check_world_size
 from distillscale.launch.ranks import is_rank_zero, wait_for_stage, world_size
-from distillscale.manifest import StageOutput, atomic_stage, read_manifest, stale_reason
+from distillscale.manifest import (
+    StageOutput,
+    atomic_stage,
+    read_manifest,
+    stale_reason,
+    write_text_atomic,
+)
 from distillscale.models.hf_io import arch_from_hf_config
 from distillscale.prune.schedule import Step, plan_schedule
 from distillscale.teacher.stage import resolve_hf_path
@@ -178,6 +184,14 @@ class Runner:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.ctx = Context(cfg, Paths(cfg))
+
+    def record_config(self) -> Path:
+        """The resolved config of this run as `<run>/config.yaml` (rank 0), what it ran with."""
+        path = self.paths.root / "config.yaml"
+        if is_rank_zero():
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, config_to_yaml(self.cfg))
+        return path
 
     @property
     def paths(self) -> Paths:
