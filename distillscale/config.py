@@ -507,6 +507,9 @@ class LaunchConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # The recipe that runs this experiment (`distillscale recipes` lists them): a name in
+    # recipes/, or a path to your own .py file with a main(run).
+    recipe: str = "prune_distill"
     seed: int = 0
     output_dir: str | None = None  # default: runs/<name>
     domain: DomainConfig
