@@ -21,7 +21,12 @@ from distillscale.config import (
     parse_override,
 )
 from distillscale.domain import load_taxonomy
-from distillscale.domain_check import check_domain, format_report
+from distillscale.domain_check import (
+    add_draft_arguments,
+    check_domain,
+    draft_command,
+    format_report,
+)
 from distillscale.launch.commands import add_parser as add_launch_parser
 from distillscale.launch.commands import run as launch_command
 from distillscale.manifest import read_manifest, write_json_atomic
@@ -113,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_domain_parser(sub) -> None:
-    dom = sub.add_parser("domain", help="check a taxonomy file before building anything")
+    dom = sub.add_parser("domain", help="check or draft a taxonomy file before building anything")
     dsub = dom.add_subparsers(dest="domain_command", required=True)
     c = dsub.add_parser("check", help="schema errors, warnings, sample headlines and how "
                                       "separable the task is (seconds; no Ray, no embeddings)")
@@ -129,10 +134,15 @@ def _add_domain_parser(sub) -> None:
     c.add_argument("--label-column", default="label")
     c.add_argument("--json", type=Path, help="also write the report as JSON here")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    add_draft_arguments(dsub.add_parser("draft", help="draft a taxonomy from a CSV class list "
+                                                      "through the data.llm endpoint"))
 
 
 def _domain_command(args) -> int:
-    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0."""
+    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0; `domain
+    draft`: 0 once the drafted file is written."""
+    if args.domain_command == "draft":
+        return draft_command(args)
     report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
                           separability_check=not args.no_separability, data=args.data,
                           text_column=args.text_column, label_column=args.label_column)
