@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distillscale.data.dedup import char_shingles, normalize
+from distillscale.data.generate import generate_headlines
+from distillscale.data.io import read_table_rows
 from distillscale.domain import (
     SLOT,
     STRAY_BRACE,
@@ -31,6 +34,7 @@ from distillscale.domain import (
     norm_label,
     taxonomy_errors,
 )
+from distillscale.knowledge.general import country_name
 
 # Fewer phrasings than this per class and the offline generators repeat one structure.
 MIN_TEMPLATES = 4
@@ -134,8 +138,6 @@ def _cross_class_near_templates(tax: Taxonomy, at, threshold: float = NEAR_TEMPL
     Jaccard similarity of the character 5-gram sets the near-duplicate index hashes (slots
     read as their names): the contrast an author writes on purpose ("shows benefit" / "shows
     no benefit") is what `data.cross_class_duplicates` then decides about."""
-    from distillscale.data.dedup import char_shingles
-
     shingles = [(i, j, c.name, t, set(char_shingles(SLOT.sub(lambda m: m.group(1), t))))
                 for i, c in enumerate(tax.classes) for j, t in enumerate(c.templates)]
     out = []
@@ -153,8 +155,6 @@ def _cross_class_near_templates(tax: Taxonomy, at, threshold: float = NEAR_TEMPL
 
 
 def _knowledge_warnings(tax: Taxonomy, at) -> list[str]:
-    from distillscale.knowledge.general import country_name
-
     out = []
     if tax.knowledge_slot is not None:
         values = tax.slots[tax.knowledge_slot]
@@ -184,13 +184,12 @@ def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: i
                  source: str = "templates", top_pairs: int = 5,
                  top_ngrams: int = 3) -> Separability:
     """Cross-validated TF-IDF + logistic regression, confusions and giveaway n-grams."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
-
-    from distillscale.data.dedup import normalize
 
     # Exact duplicates would sit on both sides of a fold and flatter the baseline.
     keep: dict[str, int] = {}
@@ -251,8 +250,6 @@ def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: i
 def labelled_rows(tax: Taxonomy, path: Path, text_column: str = "text",
                   label_column: str = "label") -> tuple[list[str], list[str], int]:
     """(texts, class names, rows whose label matches no class) of a user's labelled file."""
-    from distillscale.data.io import read_table_rows
-
     texts, labels, unknown = [], [], 0
     for r in read_table_rows(path, text_column, label_column):
         label = tax.match_label(r.get("label"))
@@ -279,8 +276,6 @@ def check_domain(path: str | Path, *, rows: int = 2000, seed: int = 0, folds: in
     generates = not tax.for_import_only
     gen: list[dict] = []
     if generates:
-        from distillscale.data.generate import generate_headlines
-
         # One generation serves the samples and the baseline (the Faker pools are the cost).
         n = rows if separability_check and data is None else 3 * len(tax.classes)
         gen = generate_headlines(tax, n, "balanced", 0, seed)

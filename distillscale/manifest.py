@@ -25,6 +25,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from distillscale.compat.console import stderr_console
+from distillscale.runtime import ranks
+
 MANIFEST = "manifest.json"
 # Written first into `<stage>.tmp/`: the config hash and input hashes of the run that made it.
 FINGERPRINT = ".fingerprint.json"
@@ -177,8 +180,6 @@ def _claim_unfinished(tmp: Path, stage: str, fingerprint: dict) -> None:
         except (OSError, json.JSONDecodeError):
             theirs = None
         if theirs != fingerprint:
-            from distillscale.compat.console import stderr_console
-
             stale = tmp.with_name(tmp.name + ".stale")
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(tmp, stale)
@@ -216,8 +217,6 @@ def atomic_stage(
     dropped when the stage completes. `collective` stages meet at a barrier before the swap and
     after it, so no rank reads a half-written folder; a stage only rank 0 computes passes False.
     """
-    from distillscale.launch import ranks
-
     folder = Path(folder)
     hashes = {k: input_hash(v) for k, v in inputs.items()}
     tmp = folder.with_name(folder.name + ".tmp")

@@ -43,6 +43,7 @@ CHAT_TEMPLATE = (
 
 def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1):
     """A lowercase word-level tokenizer over `texts`; every label is a single token."""
+    # heavy: tokenizers / transformers, only when a tiny teacher's tokenizer is built
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,6 +77,7 @@ def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1
 
 
 def load_tokenizer(path: str | Path):
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))

@@ -9,11 +9,13 @@ library internals.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.machinery
 import sys
 import types
 
 import torch
+import torch.distributed as dist
 
 _APPLIED: set[str] = set()
 
@@ -91,6 +93,7 @@ class CPURNGStatesTracker:
 
 
 def _patch_rng_tracker() -> None:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
@@ -109,6 +112,7 @@ def _patch_rng_tracker() -> None:
         tracker.add("data-parallel-rng", seed)
 
     mrandom.model_parallel_cuda_manual_seed = _manual_seed
+    # heavy: megatron-core, only where a Megatron model is built or run
     import megatron.core.tensor_parallel as tp
 
     tp.model_parallel_cuda_manual_seed = _manual_seed
@@ -134,6 +138,7 @@ def apply_peft_cpu_shims() -> None:
     """
     if cuda_available() or "peft" in _APPLIED:
         return
+    # heavy: peft, only for LoRA distillation
     import peft.tuners.lora.te as peft_te
 
     peft_te.is_te_pytorch_available = lambda: False
@@ -152,6 +157,7 @@ def install_transformer_engine_stub() -> None:
     """
     if cuda_available() or "te_stub" in _APPLIED:
         return
+    # heavy: megatron-core, only where a Megatron model is built or run
     import megatron.core.extensions.transformer_engine as mte
 
     if "transformer_engine" not in sys.modules:
@@ -201,6 +207,7 @@ def apply_modelopt_cpu_shims() -> None:
         return
     apply_cpu_shims()
     install_transformer_engine_stub()  # must precede the ModelOpt Megatron plugin import
+    # heavy: ModelOpt, only where a model is pruned or distilled
     from modelopt.torch.prune.plugins import mcore_minitron
 
     _register_dynamic_torch_rmsnorm()
@@ -375,9 +382,6 @@ def _make_layer_drop_cpu_safe(mcore_minitron) -> None:
     orig = mcore_minitron.drop_mcore_language_model_layers
     if getattr(orig, "_distillscale_cpu_safe", False):
         return
-    import functools
-
-    import torch.distributed as dist
 
     @functools.wraps(orig)
     def drop_layers(model, *, layers_to_drop):

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from distillscale.config import DistillConfig
+from distillscale.distill.fused_kd import FusedHeadKD
 from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean re-exported)
     VocabMismatchError,
     alpha_at,
@@ -33,9 +35,12 @@ from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean 
     per_sequence_mean,
     real_vocab_size,
 )
+from distillscale.manifest import read_manifest
 from distillscale.models.megatron_gpt import causal_mask, forward_logits
+from distillscale.teacher.logit_cache import LogitCache, fingerprint_path
+from distillscale.teacher.stage import cache_root, teacher_model_dir
 from distillscale.teacher.supervision import supervision_batch
-from distillscale.tokenizer import PromptEncoder
+from distillscale.tokenizer import PromptEncoder, load_tokenizer
 from distillscale.train.loop import train
 
 
@@ -44,6 +49,7 @@ def make_kd_model(student, teacher, cfg: DistillConfig, real_vocab: int | None =
 
     `real_vocab`: the two models are padded to different vocabulary sizes; the criterion then
     compares them on the real tokenizer range (`losses.align_vocab`)."""
+    # heavy: ModelOpt, only where a model is pruned or distilled
     import modelopt.torch.distill as mtd
     from modelopt.torch.distill.plugins.megatron import (
         DistillationConfig,
@@ -77,6 +83,7 @@ def make_kd_model(student, teacher, cfg: DistillConfig, real_vocab: int | None =
 
 def unwrap_student(kd_model):
     """Back to a plain student GPTModel (teacher and hooks removed)."""
+    # heavy: ModelOpt, only where a model is pruned or distilled
     import modelopt.torch.distill as mtd
 
     student = mtd.export(kd_model)
@@ -100,12 +107,14 @@ def _answer_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     vocab-parallel cross entropy computes the same value without gathering them."""
     if _tp_size() == 1:
         return answer_ce(logits, targets, mask)
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     return per_sequence_mean(vocab_parallel_cross_entropy(logits.float(), targets), mask)
 
 
 def _tp_size() -> int:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
@@ -143,8 +152,6 @@ def distill(
         # temperature and CE anchor as the online path. The teacher is never in memory.
         model = student
     elif cfg.loss.implementation == "fused_head":
-        from distillscale.distill.fused_kd import FusedHeadKD
-
         fused = FusedHeadKD(student, teacher, cfg.loss, real_vocab)  # no DistillationModel
         model = student
     else:
@@ -176,7 +183,6 @@ def distill(
                     # over ranks, the gradient only this rank's term (the cross-shard terms
                     # already flow through the criterion's all-reduced softmax normaliser). A
                     # differentiable all-reduce here would multiply every gradient by the TP size.
-                    import torch.distributed as dist
                     from megatron.core import parallel_state
 
                     total = per_token.detach().clone()
@@ -222,8 +228,6 @@ def find_logit_cache(supervision_manifest: dict | None, cache_root: Path, fmt: s
 
     The supervision manifest names each format's cache key; the cache itself must be complete
     and made by this teacher (its index records the teacher fingerprint)."""
-    from distillscale.teacher.logit_cache import LogitCache
-
     caches = ((supervision_manifest or {}).get("metrics") or {}).get("caches") or {}
     entry = caches.get(fmt)
     if not entry or "key" not in entry:
@@ -245,10 +249,6 @@ def find_logit_cache(supervision_manifest: dict | None, cache_root: Path, fmt: s
 def load_cached_teacher(cfg, supervision_dir: Path, teacher_dir: Path,
                         train_rows: list[dict]) -> CachedTeacher:
     """The teacher stage's logit cache of `cfg.distill.supervision` over `train_rows`."""
-    from distillscale.manifest import read_manifest
-    from distillscale.teacher.logit_cache import fingerprint_path
-    from distillscale.teacher.stage import cache_root, teacher_model_dir
-
     fmt = cfg.distill.supervision
     cache = find_logit_cache(read_manifest(Path(supervision_dir)), cache_root(cfg), fmt,
                              fingerprint_path(teacher_model_dir(cfg, Path(teacher_dir))))
@@ -325,8 +325,6 @@ def aligned_vocab(teacher_tokenizer, student_dir: Path | None, teacher_vocab: in
     student_tokenizer = None
     hf = Path(student_dir) / "hf" if student_dir is not None else None
     if hf is not None and (hf / "tokenizer_config.json").is_file():
-        from distillscale.tokenizer import load_tokenizer
-
         student_tokenizer = load_tokenizer(hf)
     try:
         real = real_vocab_size(teacher_tokenizer, student_tokenizer)

@@ -23,6 +23,7 @@ import torch
 
 
 def load_hf(path: str | Path):
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
+from rich.progress import Progress
 
 from distillscale.config import (
     CMDLINE,
@@ -201,8 +202,6 @@ def run_sweep_here(plan: dict) -> None:
     path of launchers/sweep.sh): the same stages the Slurm array tasks run, without paying the
     stack's start-up (about 20 s of imports) once per cell and stage. A cell's own fit and report
     are left to the sweep's fit, which covers every cell together."""
-    from rich.progress import Progress
-
     from distillscale import pipeline
 
     ups = [u for u in plan["upstreams"] if not u["done"]
@@ -232,6 +231,7 @@ def collect_results(root: Path) -> Path:
     The table keeps the eval stage's long schema with a `cell` column added, so the fit and
     report commands read it like any other results table (`distillscale fit --results ...`).
     """
+    # heavy: pandas, only where a table is read or written
     import pandas as pd
 
     frames = []

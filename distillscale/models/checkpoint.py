@@ -18,15 +18,16 @@ from pathlib import Path
 import torch
 
 from distillscale.config import ModelArch
-from distillscale.launch import ranks
 from distillscale.manifest import write_text_atomic, writer_path
 from distillscale.models.megatron_gpt import build_gpt
+from distillscale.runtime import ranks
 
 CHECKPOINT = "checkpoint"
 DIST = "dist"
 
 
 def _model_parallel_size() -> int:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -58,6 +59,7 @@ def _write_meta(ck: Path, arch: ModelArch, vocab_size: int) -> None:
 
 
 def _save_distributed(model, arch: ModelArch, vocab_size: int, ck: Path) -> None:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import dist_checkpointing
 
     tmp = ck / f".{DIST}.partial"
@@ -86,6 +88,7 @@ def load_model(folder: Path):
     vocab = int(meta["vocab_size"])
     model = build_gpt(arch, vocab)
     if (ck / DIST / "metadata.json").is_file():
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core import dist_checkpointing
 
         # Resharded to this process's TP/PP layout, whatever layout wrote it.

@@ -53,6 +53,7 @@ def _retriable() -> tuple[type[BaseException], ...]:
     client's); anything else is a bug and propagates."""
     kinds: list[type[BaseException]] = [TimeoutError, ConnectionError]
     try:
+        # optional: the openai client, only for an OpenAI-compatible server
         import openai
 
         kinds += [openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
@@ -211,6 +212,7 @@ def generate_supervision(backend, adapter: FamilyAdapter, taxonomy: Taxonomy, ro
 def supervision_stats(rows: list[dict], depths: list[str], labels: list[str]) -> dict:
     """Per depth: teacher accuracy and macro F1 against the dataset label, agreement with the
     gold label, rejections by reason, trace-length statistics (tokens) and budget cuts."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.metrics import f1_score
 
     index = {n: i for i, n in enumerate(labels)}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,8 +99,6 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, history: list,
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DiskSpaceError):
             # torch reports a failed write as "[enforce fail at inline_container.cc:...]
             # unexpected pos ..."; say what was being written and how much room is left.
-            import shutil
-
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             free = shutil.disk_usage(path.parent).free
             raise DiskSpaceError(
@@ -180,6 +179,8 @@ def train(
         start, history = state["step"], state["history"]
     writer = None
     if tensorboard_dir is not None:
+        # heavy: torch's TensorBoard writer loads tensorboard (and its protobufs); only when a
+        # run logs scalars.
         from torch.utils.tensorboard import SummaryWriter
 
         # Events after the checkpoint (steps > start) were logged by a killed run: drop them.
