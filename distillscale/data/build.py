@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -28,9 +27,10 @@ from distillscale.data.card import write_card
 from distillscale.data.curate import _english_filter_cls
 from distillscale.data.generate import generate_headlines
 from distillscale.data.io import read_table_rows, row_id
-from distillscale.data.recipe import STAGES, run_recipe
+from distillscale.data.recipe import DEDUP_STAGES, run_recipe
 from distillscale.data.serve import llm_endpoint
 from distillscale.domain import Taxonomy
+from distillscale.manifest import atomic_path
 
 console = stderr_console()
 
@@ -247,16 +247,9 @@ def stratified_split(
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """One strict-JSON object per line (no bare NaN), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            for r in rows:
-                f.write(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -293,7 +286,7 @@ def build_dataset(
         rejects = result.rejects
         rows_in = result.rows_in
         emb_index = {rid: i for i, rid in enumerate(result.kept["id"])}
-        card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder,
+        card_extra = {"rounds": result.rounds, "stages": DEDUP_STAGES, "embedder": result.embedder,
                       "dedup_backend": result.dedup_backend,
                       "cross_class": cross_class_summary(result.cross_class, result.kept,
                                                          data.cross_class_duplicates)}

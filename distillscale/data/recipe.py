@@ -57,7 +57,7 @@ from distillscale.train import preemption
 
 console = stderr_console()
 
-STAGES = ("filters", "labels", "exact", "near", "semantic")
+DEDUP_STAGES = ("filters", "labels", "exact", "near", "semantic")
 
 
 # First-round oversampling, and the floor on later rounds' request (rows).
@@ -479,9 +479,9 @@ def _trim_to_targets(corpus: pd.DataFrame, targets: dict[str, int]):
 
 def _print_rounds(rounds: list[dict]) -> None:
     t = Table(title="data rounds")
-    for col in ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate"):
+    for col in ("round", "generated", *DEDUP_STAGES, "kept", "cumulative_kept", "dedup_rate"):
         t.add_column(col, justify="right")
     for r in rounds:
         t.add_row(*[f"{r[c]:.3f}" if c == "dedup_rate" else f"{r[c]:,}" for c in
-                    ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate")])
+                    ("round", "generated", *DEDUP_STAGES, "kept", "cumulative_kept", "dedup_rate")])
     console.print(t)

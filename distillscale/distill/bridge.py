@@ -85,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillscale.compat.cpu import install_bridge_te_stub
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ConfigError, DistillConfig, ExperimentConfig, LossConfig
 from distillscale.distill.losses import divergence_logits_loss
 from distillscale.manifest import write_text_atomic, writer_path
@@ -98,9 +98,9 @@ BACKENDS = ("auto", "local", "bridge")
 # Anchored at the student's own decoder: Bridge's matcher (peft/module_matcher.py) accepts a
 # bare leaf name anywhere in the tree, which also wraps the linears of ModelOpt's co-located
 # `_teacher_model`; `wildcard_match` anchors the pattern at the start of the full name.
-LORA_TARGETS = ["decoder.layers.*.self_attention.linear_qkv",
-                "decoder.layers.*.self_attention.linear_proj",
-                "decoder.layers.*.mlp.linear_fc1", "decoder.layers.*.mlp.linear_fc2"]
+MEGATRON_LORA_TARGETS = ["decoder.layers.*.self_attention.linear_qkv",
+                         "decoder.layers.*.self_attention.linear_proj",
+                         "decoder.layers.*.mlp.linear_fc1", "decoder.layers.*.mlp.linear_fc2"]
 
 
 def bridge_seed(seed: int) -> int:
@@ -114,13 +114,6 @@ class BridgeUnavailableError(ConfigError):
 
 
 # ----------------------------------------------------------------------------------- backend
-
-
-def cuda_available() -> bool:
-    # heavy: torch, only on the path that needs it; the rest of this module stays light
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def transformer_engine_available() -> bool:
@@ -195,8 +188,7 @@ def seq_length(cfg: ExperimentConfig) -> int:
 
 def _bridge_imports():
     # On CPU, `import megatron.bridge` needs the import-only TE stub; on GPU this is a no-op.
-
-    install_bridge_te_stub()
+    activate()
 
 
 def model_provider(hf_dir: str | Path, layout: ParallelLayout, seq_len: int):
@@ -307,7 +299,7 @@ def lora_peft(distill: DistillConfig):
     # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.peft.lora import LoRA
 
-    return LoRA(target_modules=list(LORA_TARGETS), dim=distill.lora_rank,
+    return LoRA(target_modules=list(MEGATRON_LORA_TARGETS), dim=distill.lora_rank,
                 alpha=round(distill.lora_alpha))
 
 

@@ -45,7 +45,7 @@ from distillscale.config import (
     load_config,
     load_yaml_model,
 )
-from distillscale.manifest import MANIFEST, write_json_atomic, write_text_atomic
+from distillscale.manifest import MANIFEST, atomic_path, write_json_atomic, write_text_atomic
 
 DONE_MARKER = "launch_done.json"
 # The sections whose values decide a cell's results; `launch` and `output_dir` only decide
@@ -249,7 +249,6 @@ def collect_results(root: Path) -> Path:
     long = long.drop_duplicates(subset=same).reset_index(drop=True)
     for name, write in (("results.parquet", lambda p: long.to_parquet(p, index=False)),
                         ("results_long.csv", lambda p: long.to_csv(p, index=False))):
-        tmp = root / f".{name}.tmp{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, root / name)
+        with atomic_path(root / name) as tmp:
+            write(tmp)
     return root / "results.parquet"

@@ -11,14 +11,13 @@ teacher stage and is shared by every student.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from distillscale.config import ModelArch
-from distillscale.manifest import write_text_atomic, writer_path
+from distillscale.manifest import atomic_path, replace_dir, write_text_atomic, writer_path
 from distillscale.models.megatron_gpt import build_gpt
 from distillscale.runtime import ranks
 
@@ -46,9 +45,8 @@ def save_model(model, arch: ModelArch, vocab_size: int, folder: Path) -> None:
     ck = Path(folder) / CHECKPOINT
     ck.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    tmp = ck / f".model.pt.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, ck / "model.pt")
+    with atomic_path(ck / "model.pt") as tmp:
+        torch.save(state, tmp)
     shutil.rmtree(ck / DIST, ignore_errors=True)  # a stale split-model checkpoint
     _write_meta(ck, arch, vocab_size)
 
@@ -70,8 +68,7 @@ def _save_distributed(model, arch: ModelArch, vocab_size: int, ck: Path) -> None
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
     ranks.barrier()
     if ranks.is_rank_zero():
-        shutil.rmtree(ck / DIST, ignore_errors=True)
-        os.replace(tmp, ck / DIST)
+        replace_dir(tmp, ck / DIST)
         (ck / "model.pt").unlink(missing_ok=True)  # a stale single-rank checkpoint
         _write_meta(ck, arch, vocab_size)
     ranks.barrier()

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from distillscale.manifest import write_text_atomic
+from distillscale.manifest import replace_dir, write_text_atomic
 
 
 def find_gguf(file: str, package: str | None = None) -> Path:
@@ -78,10 +78,5 @@ def hf_from_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
                   params=sum(p.numel() for p in model.parameters()),
                   seconds=round(time.perf_counter() - start, 1))
     write_text_atomic(tmp / "distillscale_source.json", json.dumps(record, indent=2))
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return out

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import apply_cpu_shims, cuda_available, install_bridge_te_stub
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ModelArch
+from distillscale.manifest import replace_dir
 from distillscale.models.megatron_gpt import init_distributed
 
 # HF families `save_hf` can write: (architecture, megatron qk_layernorm, megatron add_qkv_bias).
@@ -50,12 +51,10 @@ def _auto_bridge():
     # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        # Already set up by the caller: calling init_distributed again would re-seed the RNGs.
-        apply_cpu_shims()
-    else:
+    # Already set up by the caller: calling init_distributed again would re-seed the RNGs.
+    if not parallel_state.model_parallel_is_initialized():
         init_distributed()
-    install_bridge_te_stub()
+    activate()  # `import megatron.bridge` needs the TE import stub on CPU
     # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge import AutoBridge
 
@@ -218,16 +217,6 @@ def _check_shape(model, arch: ModelArch, vocab_size: int) -> None:
             )
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished `src` to `dst`; an existing `dst` is replaced, never half-written."""
-    old = dst.parent / f".{dst.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` (a Megatron-core GPTModel, possibly wrapped, or a list of PP chunks) as an
     HF checkpoint in `out_dir`: config.json, model*.safetensors (in the model's dtype) and, if
@@ -268,7 +257,7 @@ def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokeni
         if _rank0():
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
     finally:
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import apply_cpu_shims, cuda_available
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ModelArch
 from distillscale.models.shape import arch_params  # noqa: F401  (re-exported)
 
@@ -28,7 +28,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp_random
 
-    apply_cpu_shims()
+    activate()
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:

@@ -9,7 +9,6 @@ pruned weights really have the requested shape, returned as a fresh plain GPTMod
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import apply_modelopt_cpu_shims, cuda_available
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ModelArch
+from distillscale.manifest import replace_dir
 from distillscale.models.megatron_gpt import build_gpt, forward_logits
 from distillscale.prune.shapes import (  # noqa: F401  (the shape search, re-exported)
     DEPTH_KEYS,
@@ -66,7 +66,7 @@ def prune_minitron(
     (sibling students of one teacher, a resumed run) reuses them. Scores depend on the model's
     weights: the caller keys the folder by the source model.
     """
-    apply_modelopt_cpu_shims()
+    activate()  # before ModelOpt is imported: its Megatron plugins need the TE stub on CPU
     # heavy: ModelOpt, only where a model is pruned or distilled
     import modelopt.torch.prune as mtp
 
@@ -144,7 +144,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
         if final.is_dir():  # another process finished first: keep its (identical) scores
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
     if dist.is_initialized():
         dist.barrier()
 

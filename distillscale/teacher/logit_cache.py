@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from distillscale.manifest import write_json_atomic
+from distillscale.manifest import atomic_path, write_json_atomic
 
 INDEX = "index.json"
 # How a shard stores ids and log-probabilities (`LogitCache.write_shard`).
@@ -232,9 +231,8 @@ class LogitCache:
                      "row_ids": json.dumps([r.row_id for r in rows])})
         self.path.mkdir(parents=True, exist_ok=True)
         dst = self.shard_path(i)
-        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return dst
 
     def finalize(self, meta: dict) -> None:

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distillscale.compat.console import stderr_console
 from distillscale.config import TrainConfig
-from distillscale.manifest import DiskSpaceError, check_free_space, remove_partials
+from distillscale.manifest import DiskSpaceError, atomic_path, check_free_space, remove_partials
 from distillscale.train import preemption
 
 
@@ -86,16 +86,14 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, history: list,
                      fingerprint: str | None = None, needed_bytes: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, needed_bytes, f"the checkpoint {path.name}")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "history": history, "fingerprint": fingerprint},
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # never leaves a partial checkpoint behind
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "history": history, "fingerprint": fingerprint},
+                tmp,
+            )
     except BaseException as e:
-        tmp.unlink(missing_ok=True)  # never leave a partial checkpoint behind
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DiskSpaceError):
             # torch reports a failed write as "[enforce fail at inline_container.cc:...]
             # unexpected pos ..."; say what was being written and how much room is left.
