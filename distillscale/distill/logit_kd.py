@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distillscale.compat.cpu import restore_student_methods
 from distillscale.config import DistillConfig
 from distillscale.distill.fused_kd import FusedHeadKD
 from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean re-exported)
@@ -87,12 +88,7 @@ def unwrap_student(kd_model):
     import modelopt.torch.distill as mtd
 
     student = mtd.export(kd_model)
-    # `adjust_distillation_model_for_mcore` (ModelOpt 0.47) binds forward / loss / PP helpers on
-    # the instance; `mtd.export` restores the class but leaves those bindings, whose forward
-    # then looks for the removed teacher. Drop them so the class methods apply again.
-    for name in ("forward", "sharded_state_dict", "compute_language_model_loss",
-                 "set_student_input_tensor_shape", "set_input_tensor"):
-        student.__dict__.pop(name, None)
+    restore_student_methods(student)
     return student
 
 
@@ -339,64 +335,82 @@ def aligned_vocab(teacher_tokenizer, student_dir: Path | None, teacher_vocab: in
     return real
 
 
-@torch.no_grad()
-def answer_logprobs(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
-                    real_vocab: int | None = None) -> torch.Tensor:
-    """[rows, V] log-probabilities at the answer position (T=1; the first `real_vocab` ids)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        b = encoder.encode(rows[i : i + batch_size])
-        logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)), b.answer_pos]
-        if real_vocab is not None:
-            logits = logits[..., :real_vocab]
-        out.append(logits.float().log_softmax(-1))
-    return torch.cat(out)
+# Mask kind of `masked_logprobs` / `masked_kl`: the one position per row predicting the class
+# name's (first) token. Any other kind is a supervision format: the tokens its divergence covers.
+ANSWER = "answer"
 
 
 @torch.no_grad()
-def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
-              real_vocab: int | None = None) -> float:
-    """Mean KL(p_teacher || p_student) at the answer position over `rows` (T=1, full vocab).
+def masked_logprobs(model, encoder: PromptEncoder, rows: list[dict], mask: str = ANSWER,
+                    batch_size: int | None = None, real_vocab: int | None = None):
+    """Log-probabilities (T=1; the first `real_vocab` ids) at the tokens `mask` selects.
 
-    `teacher` is a model or its `answer_logprobs` (computed once, so the teacher need not stay
-    in memory while a student trains from the logit cache)."""
-    lt = teacher if isinstance(teacher, torch.Tensor) else answer_logprobs(
-        teacher, encoder, rows, batch_size, real_vocab)
-    ls = answer_logprobs(student, encoder, rows, batch_size, real_vocab)
-    if ls.shape != lt.shape:
-        raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
-                                 f"{tuple(ls.shape)} differ: pass real_vocab")
-    return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)
-
-
-@torch.no_grad()
-def supervised_logprobs(model, encoder: PromptEncoder, rows: list[dict], fmt: str,
-                        batch_size: int = 64, real_vocab: int | None = None) -> list[torch.Tensor]:
-    """Per row, [n, V] log-probabilities at the tokens the format's divergence covers
-    (`kl_mask_for`: trace + answer, the trace alone for blended CoT; T=1)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        sup = supervision_batch(encoder, rows[i : i + batch_size], fmt)
+    `answer`: one [rows, V] tensor at the answer position (batches of 256). A supervision
+    format: per row, [n, V] at the tokens the format's divergence covers (`kl_mask_for`: trace
+    + answer, the trace alone for blended CoT; batches of 64)."""
+    if mask == ANSWER:
+        out = []
+        step = batch_size or 256
+        for i in range(0, len(rows), step):
+            b = encoder.encode(rows[i : i + step])
+            logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)),
+                                                     b.answer_pos]
+            if real_vocab is not None:
+                logits = logits[..., :real_vocab]
+            out.append(logits.float().log_softmax(-1))
+        return torch.cat(out)
+    per_row = []
+    step = batch_size or 64
+    for i in range(0, len(rows), step):
+        sup = supervision_batch(encoder, rows[i : i + step], mask)
         logits = forward_logits(model, sup.tokens)
         if real_vocab is not None:
             logits = logits[..., :real_vocab]
         lp = logits.float().log_softmax(-1)
-        mask = kl_mask_for(sup, fmt) > 0
-        out += [lp[j][mask[j]] for j in range(len(lp))]
-    return out
+        keep = kl_mask_for(sup, mask) > 0
+        per_row += [lp[j][keep[j]] for j in range(len(lp))]
+    return per_row
 
 
 @torch.no_grad()
-def supervised_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], fmt: str,
-                  real_vocab: int | None = None) -> float:
-    """Mean KL(p_teacher || p_student) per supervised token of format `fmt` over `rows` (T=1):
-    the quantity the format's distillation minimises, on held-out rows. `teacher` is a model or
-    its `supervised_logprobs` (computed once, before a cached run frees the teacher)."""
-    lt = teacher if isinstance(teacher, list) else supervised_logprobs(
-        teacher, encoder, rows, fmt, real_vocab=real_vocab)
-    ls = supervised_logprobs(student, encoder, rows, fmt, real_vocab=real_vocab)
+def masked_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], mask: str = ANSWER,
+              batch_size: int | None = None, real_vocab: int | None = None) -> float:
+    """Mean KL(p_teacher || p_student) per token `mask` selects over `rows` (T=1): at the
+    answer position, or (a supervision format) over the tokens that format's distillation
+    minimises, on held-out rows. `teacher` is a model or its `masked_logprobs` (computed once,
+    so the teacher need not stay in memory while a student trains from the logit cache)."""
+    given = isinstance(teacher, list if mask != ANSWER else torch.Tensor)
+    lt = teacher if given else masked_logprobs(teacher, encoder, rows, mask, batch_size,
+                                               real_vocab)
+    ls = masked_logprobs(student, encoder, rows, mask, batch_size, real_vocab)
+    if mask == ANSWER:
+        if ls.shape != lt.shape:
+            raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
+                                     f"{tuple(ls.shape)} differ: pass real_vocab")
+        return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)
     total = sum(F.kl_div(s, t, reduction="sum", log_target=True).item() for s, t in zip(ls, lt))
     return total / max(sum(len(t) for t in lt), 1)
+
+
+# The names the stages call today, as the `answer` and per-format cases of the pair above.
+def answer_logprobs(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+                    real_vocab: int | None = None) -> torch.Tensor:
+    return masked_logprobs(model, encoder, rows, ANSWER, batch_size, real_vocab)
+
+
+def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+              real_vocab: int | None = None) -> float:
+    return masked_kl(student, teacher, encoder, rows, ANSWER, batch_size, real_vocab)
+
+
+def supervised_logprobs(model, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                        batch_size: int = 64, real_vocab: int | None = None) -> list[torch.Tensor]:
+    return masked_logprobs(model, encoder, rows, fmt, batch_size, real_vocab)
+
+
+def supervised_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                  real_vocab: int | None = None) -> float:
+    return masked_kl(student, teacher, encoder, rows, fmt, real_vocab=real_vocab)
 
 
 def mask_token_counts(encoder: PromptEncoder, rows: list[dict], fmt: str) -> dict[str, int]:
