@@ -79,6 +79,7 @@ class RangeSlot(BaseModel):
 
 @functools.lru_cache(maxsize=8)
 def _faker(locale: str):
+    # heavy: Faker loads its providers on import, only for slots drawn from it
     from faker import Faker
 
     return Faker(locale)
@@ -117,6 +118,7 @@ class FakerSlot(BaseModel):
         return self
 
     def values(self, seed: int) -> list[str]:
+        # heavy: Faker loads its providers on import, only for slots drawn from it
         from faker import Faker
 
         fake = Faker(self.locale)

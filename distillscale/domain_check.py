@@ -17,15 +17,24 @@ Three parts, none of which starts Ray or loads an embedding model:
 
 from __future__ import annotations
 
+import csv
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
-from distillscale.config import ConfigError
+from distillscale.config import ConfigError, LLMEndpointConfig, load_config, parse_override
+from distillscale.data.dedup import char_shingles, normalize
+from distillscale.data.generate import generate_headlines
+from distillscale.data.io import read_table_rows
+from distillscale.data.serve import llm_endpoint
 from distillscale.domain import (
     SLOT,
     SNAKE,
@@ -35,6 +44,8 @@ from distillscale.domain import (
     norm_label,
     taxonomy_errors,
 )
+from distillscale.knowledge.general import country_name
+from distillscale.manifest import write_text_atomic
 
 # Fewer phrasings than this per class and the offline generators repeat one structure.
 MIN_TEMPLATES = 4
@@ -138,8 +149,6 @@ def _cross_class_near_templates(tax: Taxonomy, at, threshold: float = NEAR_TEMPL
     Jaccard similarity of the character 5-gram sets the near-duplicate index hashes (slots
     read as their names): the contrast an author writes on purpose ("shows benefit" / "shows
     no benefit") is what `data.cross_class_duplicates` then decides about."""
-    from distillscale.data.dedup import char_shingles
-
     shingles = [(i, j, c.name, t, set(char_shingles(SLOT.sub(lambda m: m.group(1), t))))
                 for i, c in enumerate(tax.classes) for j, t in enumerate(c.templates)]
     out = []
@@ -157,8 +166,6 @@ def _cross_class_near_templates(tax: Taxonomy, at, threshold: float = NEAR_TEMPL
 
 
 def _knowledge_warnings(tax: Taxonomy, at) -> list[str]:
-    from distillscale.knowledge.general import country_name
-
     out = []
     if tax.knowledge_slot is not None:
         values = tax.slots[tax.knowledge_slot]
@@ -186,6 +193,7 @@ def sample_headlines(rows: list[dict], labels: list[str],
 
 def bag_of_words_model():
     """TF-IDF (word 1-2-grams) + logistic regression, the baseline every figure here uses."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -201,7 +209,7 @@ def heldout_baseline(train: list[dict], test: list[dict], *, max_train: int = 20
     """The bag-of-words baseline fitted on a data set's train split (at most `max_train` rows,
     a seeded sample) and scored on its test split: the figure to hold next to the teacher's
     in-domain scores on the same split. None when either split is too small to say."""
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, f1_score  # heavy: scikit-learn
 
     if len({r["label"] for r in train}) < 2 or not test:
         return None
@@ -220,11 +228,10 @@ def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: i
                  source: str = "templates", top_pairs: int = 5,
                  top_ngrams: int = 3) -> Separability:
     """Cross-validated TF-IDF + logistic regression, confusions and giveaway n-grams."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    from distillscale.data.dedup import normalize
 
     # Exact duplicates would sit on both sides of a fold and flatter the baseline.
     keep: dict[str, int] = {}
@@ -282,8 +289,6 @@ def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: i
 def labelled_rows(tax: Taxonomy, path: Path, text_column: str = "text",
                   label_column: str = "label") -> tuple[list[str], list[str], int]:
     """(texts, class names, rows whose label matches no class) of a user's labelled file."""
-    from distillscale.data.io import read_table_rows
-
     texts, labels, unknown = [], [], 0
     for r in read_table_rows(path, text_column, label_column):
         label = tax.match_label(r.get("label"))
@@ -310,8 +315,6 @@ def check_domain(path: str | Path, *, rows: int = 2000, seed: int = 0, folds: in
     generates = not tax.for_import_only
     gen: list[dict] = []
     if generates:
-        from distillscale.data.generate import generate_headlines
-
         # One generation serves the samples and the baseline (the Faker pools are the cost).
         n = rows if separability_check and data is None else 3 * len(tax.classes)
         gen = generate_headlines(tax, n, "balanced", 0, seed)
@@ -398,7 +401,6 @@ class DraftClass:
 
 def read_class_list(path: str | Path) -> list[DraftClass]:
     """The classes of a CSV class list; a bad row is a one-line error naming file and line."""
-    import csv
 
     path = Path(path)
     if not path.is_file():
@@ -519,15 +521,9 @@ def draft_taxonomy(
     `knowledge_slot`. The file is validated like any taxonomy before it is written
     (atomically); `domain check` on it shows what the draft still needs.
     """
-    import os
-    from concurrent.futures import ThreadPoolExecutor
 
-    import yaml
-    from openai import OpenAI
+    from openai import OpenAI  # heavy/optional: the openai client, only for drafting
 
-    from distillscale.data.serve import llm_endpoint
-    from distillscale.knowledge.general import country_name
-    from distillscale.manifest import write_text_atomic
 
     classes = read_class_list(class_list)
     out = Path(out)
@@ -617,9 +613,7 @@ def add_draft_arguments(p) -> None:
 
 def draft_command(args) -> int:
     """`domain draft`: write the drafted taxonomy, then print its check (no separability)."""
-    from pydantic import ValidationError
 
-    from distillscale.config import LLMEndpointConfig, load_config, parse_override
 
     fields: dict[str, Any] = {}
     if args.config is not None:

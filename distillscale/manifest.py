@@ -25,6 +25,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from distillscale.compat.console import stderr_console
+from distillscale.runtime import ranks
+
 MANIFEST = "manifest.json"
 # Written first into `<stage>.tmp/`: the config hash and input hashes of the run that made it.
 FINGERPRINT = ".fingerprint.json"
@@ -177,8 +180,6 @@ def _claim_unfinished(tmp: Path, stage: str, fingerprint: dict) -> None:
         except (OSError, json.JSONDecodeError):
             theirs = None
         if theirs != fingerprint:
-            from distillscale.compat.console import stderr_console
-
             stale = tmp.with_name(tmp.name + ".stale")
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(tmp, stale)
@@ -217,8 +218,6 @@ def atomic_stage(
     dropped when the stage completes. `collective` stages meet at a barrier before the swap and
     after it, so no rank reads a half-written folder; a stage only rank 0 computes passes False.
     """
-    from distillscale.launch import ranks
-
     folder = Path(folder)
     hashes = {k: input_hash(v) for k, v in inputs.items()}
     tmp = folder.with_name(folder.name + ".tmp")
@@ -284,16 +283,42 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp file name next to `path` for writers that take a name (torch.save, parquet,
+    safetensors): moved onto `path` when the block ends, removed if it raises. The temp name
+    (`.<name>.tmp<pid>`) is one `remove_partials` recognises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst`; an existing `dst` is replaced, never
+    half-written (it is set aside as `.<name>.old` until `src` is in place)."""
+    src, dst = Path(src), Path(dst)
+    old = dst.parent / f".{dst.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class DiskSpaceError(OSError):

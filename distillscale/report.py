@@ -22,6 +22,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -391,8 +393,6 @@ def build_report(
 def markdown_to_html(md: str, root: Path, title: str) -> str:
     """A small renderer for the report's own markdown (headings, tables, lists, images),
     with every image embedded as base64 so the file stands alone."""
-    import re
-
     body, in_table, in_list = [], False, False
 
     def inline(t: str) -> str:

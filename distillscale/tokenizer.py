@@ -43,6 +43,7 @@ CHAT_TEMPLATE = (
 
 def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1):
     """A lowercase word-level tokenizer over `texts`; every label is a single token."""
+    # heavy: tokenizers / transformers, only when a tiny teacher's tokenizer is built
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,6 +77,7 @@ def build_word_tokenizer(texts: list[str], labels: list[str], min_count: int = 1
 
 
 def load_tokenizer(path: str | Path):
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -92,6 +94,32 @@ class EncodedBatch:
     # [b] number of positions whose target is a trace token (thinking tokens, the trace,
     # `</think> event :`); they end right before `answer_pos`. 0 in the `label` format.
     trace_len: torch.Tensor | None = None
+
+
+def pack_batch(seqs: list[tuple[list[int], int, int]], answer_lens: list[int],
+               label_ids: list[int], pad_id: int) -> EncodedBatch:
+    """One batch from rows encoded as `(ids, answer_pos, trace_len)`: inputs and next-token
+    targets padded to the longest row, the answer mask over `answer_lens[i]` positions from
+    `answer_pos` (the class name's tokens)."""
+    b = len(seqs)
+    s = max((len(ids) for ids, _, _ in seqs), default=2) - 1
+    tokens = torch.full((b, s), pad_id, dtype=torch.long)
+    targets = torch.full((b, s), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, s), dtype=torch.float32)
+    answer_mask = torch.zeros((b, s), dtype=torch.float32)
+    answer_pos = torch.zeros(b, dtype=torch.long)
+    trace_len = torch.zeros(b, dtype=torch.long)
+    labels = torch.zeros(b, dtype=torch.long)
+    for i, ((seq, pos, tl), n_ans, label) in enumerate(zip(seqs, answer_lens, label_ids)):
+        n = len(seq)
+        tokens[i, : n - 1] = torch.tensor(seq[:-1])
+        targets[i, : n - 1] = torch.tensor(seq[1:])
+        loss_mask[i, : n - 1] = 1.0
+        answer_pos[i] = pos
+        answer_mask[i, pos : pos + n_ans] = 1.0
+        trace_len[i] = tl
+        labels[i] = label
+    return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, labels, trace_len)
 
 
 class PromptEncoder:
@@ -168,26 +196,8 @@ class PromptEncoder:
                                    "(rows need traces from the teacher stage)")
                 trace = traces[depth]
             seqs.append(self.sequence(row["text"], index[row["label"]], trace, depth))
-        b = len(rows)
-        s = max((len(ids) for ids, _, _ in seqs), default=2) - 1
-        tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
-        targets = torch.full((b, s), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros((b, s), dtype=torch.float32)
-        answer_mask = torch.zeros((b, s), dtype=torch.float32)
-        answer_pos = torch.zeros(b, dtype=torch.long)
-        trace_len = torch.zeros(b, dtype=torch.long)
-        label_ids = torch.zeros(b, dtype=torch.long)
-        for i, (row, (seq, pos, tl)) in enumerate(zip(rows, seqs)):
-            n = len(seq)
-            tokens[i, : n - 1] = torch.tensor(seq[:-1])
-            targets[i, : n - 1] = torch.tensor(seq[1:])
-            loss_mask[i, : n - 1] = 1.0
-            answer_pos[i] = pos
-            answer_mask[i, pos] = 1.0
-            trace_len[i] = tl
-            label_ids[i] = index[row["label"]]
-        return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids,
-                            trace_len)
+        return pack_batch(seqs, [1] * len(rows), [index[row["label"]] for row in rows],
+                          self.pad_id)
 
 
 class ChatPromptEncoder:
@@ -272,26 +282,7 @@ class ChatPromptEncoder:
             c = index[row["label"]]
             seqs.append(self.sequence(row["text"], c, trace, depth))
             spans.append(len((self.label_seqs if trace is None else self.trace_label_seqs)[c]))
-        b = len(rows)
-        s = max((len(ids) for ids, _, _ in seqs), default=2) - 1
-        tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
-        targets = torch.full((b, s), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros((b, s), dtype=torch.float32)
-        answer_mask = torch.zeros((b, s), dtype=torch.float32)
-        answer_pos = torch.zeros(b, dtype=torch.long)
-        trace_len = torch.zeros(b, dtype=torch.long)
-        label_ids = torch.zeros(b, dtype=torch.long)
-        for i, (row, (seq, pos, tl), n_ans) in enumerate(zip(rows, seqs, spans)):
-            n = len(seq)
-            tokens[i, : n - 1] = torch.tensor(seq[:-1])
-            targets[i, : n - 1] = torch.tensor(seq[1:])
-            loss_mask[i, : n - 1] = 1.0
-            answer_pos[i] = pos
-            answer_mask[i, pos : pos + n_ans] = 1.0
-            trace_len[i] = tl
-            label_ids[i] = index[row["label"]]
-        return EncodedBatch(tokens, targets, loss_mask, answer_mask, answer_pos, label_ids,
-                            trace_len)
+        return pack_batch(seqs, spans, [index[row["label"]] for row in rows], self.pad_id)
 
 
 def make_encoder(tokenizer, labels: list[str], seq_length: int, adapter=None, task: str = ""):

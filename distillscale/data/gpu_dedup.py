@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from distillscale.data.curate import _session_kept_open
 from distillscale.data.dedup import SemanticIndex
 
 Backend = Literal["curator_gpu", "cpu"]
@@ -62,6 +63,7 @@ def gpu_dedup_available() -> bool:
     """A CUDA device and cuDF (Curator's GPU dedup needs both)."""
     if importlib.util.find_spec("cudf") is None:
         return False
+    # heavy: torch, only on the path that needs it; the rest of this module stays light
     import torch
 
     return bool(torch.cuda.is_available())
@@ -89,6 +91,7 @@ def minhashes_per_band(threshold: float, num_bands: int = FUZZY_BANDS) -> int:
 
 
 def exact_workflow(input_path: Path, output_path: Path):
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.stages.deduplication.exact.workflow import ExactDeduplicationWorkflow
 
     # The CPU exact index folds case and whitespace too.
@@ -100,6 +103,7 @@ def exact_workflow(input_path: Path, output_path: Path):
 
 def fuzzy_workflow(input_path: Path, output_path: Path, cache_path: Path, *,
                    near_threshold: float, seed: int):
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.stages.deduplication.fuzzy.workflow import FuzzyDeduplicationWorkflow
 
     # Character 5-grams as in the CPU MinHash (Curator's default of 24 suits documents,
@@ -116,6 +120,7 @@ def semantic_workflow(input_path: Path, output_path: Path, cache_path: Path, *,
                       semantic_threshold: float, semantic_clusters: int, seed: int):
     """Over Parquet with `id`, `order` and `embeddings`: each cluster is ranked by `order`, so
     a row is compared with the rows before it in the corpus (the CPU index's rule)."""
+    # optional: NeMo Curator (the `data` extra), only when the data recipe runs
     from nemo_curator.stages.deduplication.semantic.ranking import RankingStrategy
     from nemo_curator.stages.deduplication.semantic.workflow import (
         SemanticDeduplicationWorkflow,
@@ -219,10 +224,9 @@ def semantic_verdicts(pairs: pd.DataFrame, new_ids: list[str],
 def run_workflow(flow, kind: str) -> None:
     """Run a Curator dedup workflow on Ray actors, inside the recipe's Ray session when one
     is open (Curator's id generator calls `ray.shutdown()` when it is created)."""
+    # optional: Ray (with NeMo Curator), only when the data recipe runs
     import ray
     from nemo_curator.backends.ray_actor_pool import RayActorPoolExecutor
-
-    from distillscale.data.curate import _session_kept_open
 
     keep = _session_kept_open(ray) if ray.is_initialized() else contextlib.nullcontext()
     with keep:
@@ -315,6 +319,7 @@ class CuratorSemanticDedup(SemanticIndex):
         held = self._members.get(0)
         both = emb if held is None else np.vstack([held, emb])
         all_ids = self.kept_ids + list(ids)
+        # heavy: pyarrow, only where a table is read or written
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import pandas as pd
 import pyarrow as pa
 
 CSV_DELIMITERS = (",", ";", "\t", "|")
+
+
+def row_id(text: str) -> str:
+    """The id every row carries: the same headline (case and outer spaces aside) has one id,
+    whichever generator or import produced it."""
+    return hashlib.sha1(text.strip().lower().encode()).hexdigest()[:12]
 
 
 def read_table_rows(path: Path, text_column: str, label_column: str) -> list[dict]:

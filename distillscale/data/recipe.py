@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import pickle
@@ -43,10 +44,12 @@ import pandas as pd
 from rich.table import Table
 
 from distillscale.compat.console import stderr_console
+from distillscale.config import DataConfig
 from distillscale.data.curate import FilterSettings, ray_session, run_curation
 from distillscale.data.dedup import ExactIndex, NearDupIndex, SemanticIndex, make_embedder
 from distillscale.data.generate import class_counts
 from distillscale.data.gpu_dedup import CuratorNearDup, CuratorSemanticDedup, dedup_backend
+from distillscale.data.io import row_id
 from distillscale.data.synth import LLMSettings, RoundSpec, synthesize
 from distillscale.domain import Taxonomy
 from distillscale.manifest import write_json_atomic
@@ -54,33 +57,28 @@ from distillscale.train import preemption
 
 console = stderr_console()
 
-STAGES = ("filters", "labels", "exact", "near", "semantic")
+DEDUP_STAGES = ("filters", "labels", "exact", "near", "semantic")
 
 
-@dataclass
-class RecipeSettings:
-    rows: int
-    target_distribution: str = "natural"
-    min_per_class: int = 20
-    max_rounds: int = 6
-    # First-round oversampling, and the floor on later rounds' request (rows).
-    oversample: float = 1.05
-    min_round_rows: int = 200
-    near_threshold: float = 0.8
-    semantic: bool = True
-    semantic_threshold: float = 0.9
-    semantic_clusters: int = 100
-    # auto | cpu | curator_gpu (distillscale/data/gpu_dedup.py)
-    dedup_backend: str = "auto"
-    embedding: str = "minilm"
-    embedding_precision: str = "auto"  # auto | fp32 | bf16 | int8
-    fewshot_k: int = 5
-    # A near / semantic duplicate of another class's row: `keep` it (counted, listed in the
-    # card) or `reject` it naming both rows. Exact duplicates with two labels are always
-    # rejected as a label conflict.
-    cross_class: str = "keep"
-    filters: FilterSettings = field(default_factory=FilterSettings)
-    llm: LLMSettings | None = None
+# First-round oversampling, and the floor on later rounds' request (rows).
+OVERSAMPLE = 1.05
+MIN_ROUND_ROWS = 200
+# The `data` settings a round's output depends on: a checkpoint made with others is set aside.
+RECIPE_FIELDS = (
+    "num_examples", "target_distribution", "min_per_class", "max_rounds", "near_dup_threshold",
+    "semantic_dedup", "semantic_threshold", "semantic_clusters", "dedup_backend", "embedding",
+    "fewshot_k", "cross_class_duplicates",
+)
+
+
+def embedding_precision(data: DataConfig) -> str:
+    """`data.embedding_precision`, or int8 where a config still sets `quantize_embeddings`."""
+    return "int8" if data.quantize_embeddings else data.embedding_precision
+
+
+def filter_settings(data: DataConfig) -> FilterSettings:
+    return FilterSettings(min_words=data.min_words, max_words=data.max_words,
+                          max_non_alnum_ratio=data.max_non_alnum_ratio, language=data.language)
 
 
 @dataclass
@@ -123,31 +121,36 @@ def next_class_weights(
 
 
 def run_recipe(
-    taxonomy: Taxonomy, settings: RecipeSettings, work_dir: Path, seed: int
+    taxonomy: Taxonomy, data: DataConfig, work_dir: Path, seed: int,
+    llm_endpoint: str | None = None,
 ) -> RecipeResult:
+    """Build `data.num_examples` rows of `taxonomy` (see the module doc). `llm_endpoint`
+    replaces `data.llm.endpoint` (the URL of a server started for the build)."""
     work_dir = Path(work_dir)
+    llm = LLMSettings.from_config(data.llm, llm_endpoint) if data.llm is not None else None
+    filters = filter_settings(data)
     slot_values = taxonomy.slot_values(seed)
-    targets = class_counts(taxonomy, settings.rows, settings.target_distribution,
-                           settings.min_per_class)
-    backend = dedup_backend(settings.dedup_backend)
+    targets = class_counts(taxonomy, data.num_examples, data.target_distribution,
+                           data.min_per_class)
+    backend = dedup_backend(data.dedup_backend)
     # Exact duplicates: the CPU hash index on both backends (see gpu_dedup.py).
     exact = ExactIndex()
     if backend == "curator_gpu":
-        near = CuratorNearDup(work_dir, settings.near_threshold, seed=seed + 1)
+        near = CuratorNearDup(work_dir, data.near_dup_threshold, seed=seed + 1)
     else:
-        near = NearDupIndex(settings.near_threshold, seed=seed + 1,
-                            cross_class=settings.cross_class)
+        near = NearDupIndex(data.near_dup_threshold, seed=seed + 1,
+                            cross_class=data.cross_class_duplicates)
     semantic = None
-    if settings.semantic:
-        embedder = make_embedder(settings.embedding, settings.embedding_precision,
+    if data.semantic_dedup:
+        embedder = make_embedder(data.embedding, embedding_precision(data),
                                  show_progress=True)
         if backend == "curator_gpu":
-            semantic = CuratorSemanticDedup(embedder, work_dir, settings.semantic_threshold,
-                                            settings.semantic_clusters, seed)
+            semantic = CuratorSemanticDedup(embedder, work_dir, data.semantic_threshold,
+                                            data.semantic_clusters, seed)
         else:
-            semantic = SemanticIndex(embedder, settings.semantic_threshold,
-                                     settings.semantic_clusters, seed,
-                                     cross_class=settings.cross_class)
+            semantic = SemanticIndex(embedder, data.semantic_threshold,
+                                     data.semantic_clusters, seed,
+                                     cross_class=data.cross_class_duplicates)
     known = set(taxonomy.labels)
     kept_parts: list[pd.DataFrame] = []
     rejects: list[dict] = []
@@ -159,8 +162,8 @@ def run_recipe(
     rows_in = 0
     cross: list[dict] = []
     weights, ask = next_class_weights(targets, have, survival)
-    ask = math.ceil(ask * settings.oversample)
-    ckpt = RoundCheckpoint(work_dir / CHECKPOINT, _fingerprint(taxonomy, settings, seed))
+    ask = math.ceil(ask * OVERSAMPLE)
+    ckpt = RoundCheckpoint(work_dir / CHECKPOINT, _fingerprint(taxonomy, data, filters, llm, seed))
     first = 1
     saved = ckpt.load()
     if saved is not None:
@@ -184,14 +187,14 @@ def run_recipe(
     # memory); the context manager shuts it down and removes its temp folder on success
     # and on error alike.
     with ray_session(work_dir):
-        for r in range(first, settings.max_rounds + 1):
+        for r in range(first, data.max_rounds + 1):
             if not weights:
                 break
             rejects_before = len(rejects)
             t0 = time.time()
-            spec = RoundSpec(max(ask, settings.min_round_rows), weights, pattern_weights, fewshot)
+            spec = RoundSpec(max(ask, MIN_ROUND_ROWS), weights, pattern_weights, fewshot)
             gen = synthesize(taxonomy, slot_values, spec, work_dir, name=f"round_{r:03d}",
-                             seed=seed * 1000 + r, llm=settings.llm)
+                             seed=seed * 1000 + r, llm=llm)
             # The filled phrasing is only an input of the text column: at 525k rows it is
             # a second copy of every headline held for the whole round.
             gen = gen.drop(columns="draft")
@@ -211,13 +214,13 @@ def run_recipe(
             # 2. Curator cleaning and filters.
             cur_in = gen[["gid", "text", "label", "gold_label", "round", "pattern"]].rename(
                 columns={"gid": "id"})
-            kept, bad = run_curation(cur_in, settings.filters, work_dir)
+            kept, bad = run_curation(cur_in, filters, work_dir)
             kept = kept.rename(columns={"id": "gid"})
             bad = bad.rename(columns={"id": "gid"})
             reject(bad, bad["reason"], "filters")
             # 3. Label validation.
             ok = kept["label"].isin(known) & kept["text"].astype(str).str.strip().ne("")
-            if settings.llm is not None:
+            if llm is not None:
                 # A reply that repeats the prompt or refuses is not a headline of the class.
                 ok &= ~kept["text"].str.contains(r"^Class:|Event class:|Facts to use|as an ai|I can(?:no|')t", case=False,
                                                  regex=True)
@@ -236,14 +239,14 @@ def run_recipe(
                 for d, lb in zip(dup, kept["label"]) if d is not None], "exact")
             kept = kept[mask].reset_index(drop=True)
             kept, _ = _label_aware_pass(near, "near", "near duplicate", kept, label_of, reject,
-                                        cross, settings.cross_class, r)
+                                        cross, data.cross_class_duplicates, r)
             if semantic is not None:
                 # The index holds the kept rows' embeddings (gathered from it when needed);
                 # the round's own matrix is not kept.
                 kept, _ = _label_aware_pass(
                     semantic, "semantic", "semantic duplicate", kept, label_of, reject, cross,
-                    settings.cross_class, r,
-                    suffix=f" (cosine >= {settings.semantic_threshold})")
+                    data.cross_class_duplicates, r,
+                    suffix=f" (cosine >= {data.semantic_threshold})")
             else:
                 counts["semantic"] = 0
             counts["kept"] = len(kept)
@@ -256,7 +259,7 @@ def run_recipe(
                 have[name] = have.get(name, 0) + int(kept_by.get(name, 0))
             pattern_weights = _pattern_survival(taxonomy, gen, kept)
             fewshot = _fewshot(pd.concat(kept_parts, ignore_index=True), semantic,
-                               settings.fewshot_k, seed)
+                               data.fewshot_k, seed)
             counts["cumulative_kept"] = sum(have.values())
             counts["dedup_rate"] = 1 - len(kept) / max(len(gen), 1)
             counts["seconds"] = round(time.time() - t0, 1)
@@ -265,7 +268,7 @@ def run_recipe(
                 f"data round {r}: generated {len(gen):,}, kept {len(kept):,} "
                 f"(filters {counts['filters']}, labels {counts['labels']}, exact {counts['exact']}, "
                 f"near {counts['near']}, semantic {counts['semantic']}), corpus "
-                f"{counts['cumulative_kept']:,}/{settings.rows:,}, {counts['seconds']}s"
+                f"{counts['cumulative_kept']:,}/{data.num_examples:,}, {counts['seconds']}s"
             )
             # 6. Reweight toward the target distribution.
             weights, ask = next_class_weights(targets, have, survival)
@@ -331,8 +334,6 @@ def _label_aware_pass(index, stage: str, kind: str, kept: pd.DataFrame, label_of
     is in their `cross_pairs`). NeMo-Curator's GPU workflows compare texts regardless of
     labels, so there a cross-class match is rejected whatever the policy, naming both rows.
     """
-    import inspect
-
     texts, ids, labels = kept["text"].tolist(), kept["id"].tolist(), kept["label"].tolist()
     aware = "labels" in inspect.signature(index.add).parameters
     seen = len(index.cross_pairs) if aware else 0
@@ -362,12 +363,15 @@ def _label_aware_pass(index, stage: str, kind: str, kept: pd.DataFrame, label_of
     return kept[mask].reset_index(drop=True), dup
 
 
-def _fingerprint(taxonomy: Taxonomy, settings: RecipeSettings, seed: int) -> str:
+def _fingerprint(taxonomy: Taxonomy, data: DataConfig, filters: FilterSettings,
+                 llm: LLMSettings | None, seed: int) -> str:
     """What a checkpoint must have been made with to be resumed."""
-    given = dataclasses.asdict(settings)
-    if given.get("llm"):
+    given = {k: getattr(data, k) for k in RECIPE_FIELDS}
+    given |= {"embedding_precision": embedding_precision(data),
+              "filters": dataclasses.asdict(filters), "llm": None}
+    if llm is not None:
         # A served model gets a new port when the build restarts: not a different build.
-        given["llm"].pop("endpoint", None)
+        given["llm"] = {k: v for k, v in dataclasses.asdict(llm).items() if k != "endpoint"}
     text = json.dumps({"taxonomy": taxonomy.model_dump(mode="json"), "settings": given,
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -431,12 +435,6 @@ class RoundCheckpoint:
         return state, kept, rejects
 
 
-def row_id(text: str) -> str:
-    from distillscale.data.build import row_id as _row_id
-
-    return _row_id(text)
-
-
 def _pattern_survival(taxonomy: Taxonomy, gen: pd.DataFrame, kept: pd.DataFrame) -> dict:
     g = gen.groupby(["label", gen["pattern"].astype(int)]).size()
     k = kept.groupby(["label", kept["pattern"].astype(int)]).size()
@@ -481,9 +479,9 @@ def _trim_to_targets(corpus: pd.DataFrame, targets: dict[str, int]):
 
 def _print_rounds(rounds: list[dict]) -> None:
     t = Table(title="data rounds")
-    for col in ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate"):
+    for col in ("round", "generated", *DEDUP_STAGES, "kept", "cumulative_kept", "dedup_rate"):
         t.add_column(col, justify="right")
     for r in rounds:
         t.add_row(*[f"{r[c]:.3f}" if c == "dedup_rate" else f"{r[c]:,}" for c in
-                    ("round", "generated", *STAGES, "kept", "cumulative_kept", "dedup_rate")])
+                    ("round", "generated", *DEDUP_STAGES, "kept", "cumulative_kept", "dedup_rate")])
     console.print(t)

@@ -23,6 +23,7 @@ first import (`designer_environment`), inside the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from distillscale.config import LLMEndpointConfig
 from distillscale.domain import SLOT, RangeSlot, Taxonomy
 
 MODEL_ALIAS = "headline-writer"
@@ -51,6 +53,13 @@ class LLMSettings:
     max_tokens: int = 64
     max_parallel_requests: int = 16
     timeout_s: int = 60
+
+    @classmethod
+    def from_config(cls, llm: LLMEndpointConfig, endpoint: str | None = None) -> LLMSettings:
+        """The request settings of `data.llm`; `endpoint` replaces its endpoint (the URL of a
+        server started for the build, when the config says `serve`)."""
+        given = llm.model_dump() | {"endpoint": endpoint or llm.endpoint}
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -139,6 +148,7 @@ def build_designer_config(
     taxonomy: Taxonomy, slot_values: dict[str, Any], spec: RoundSpec, llm: LLMSettings | None
 ):
     """The Data Designer config builder for one round (see the module docstring)."""
+    # optional: Data Designer (the `data` extra), only for the designer generator
     import data_designer.config as dd
     from data_designer.config.custom_column import custom_column_generator
 
@@ -292,12 +302,14 @@ def _deterministic_sampler_order() -> None:
     sorted names makes the order a function of the config alone. Applied once; harmless if a
     later Data Designer release already orders the graph.
     """
+    # optional: Data Designer (the `data` extra), only for the designer generator
     from data_designer.engine.sampling_gen import schema
 
     if getattr(schema.Dag, "_distillscale_sorted", False):
         return
 
     def to_networkx(self):
+        # optional: networkx (with Data Designer), only for the designer generator
         import networkx as nx
 
         dag = nx.DiGraph()
@@ -310,6 +322,7 @@ def _deterministic_sampler_order() -> None:
 
 
 def _designer_class():
+    # optional: Data Designer (the `data` extra), only for the designer generator
     from data_designer.interface import DataDesigner
 
     class HeadlineDesigner(DataDesigner):
@@ -347,6 +360,7 @@ def synthesize(
 ) -> pd.DataFrame:
     """Run one Data Designer round; returns `text`, `label`, `pattern`, `draft` columns."""
     designer_environment(Path(workdir) / "designer-home")
+    # optional: Data Designer (the `data` extra), only for the designer generator
     from data_designer.config.models import ModelProvider
     from data_designer.config.run_config import RunConfig
     designer_cls = _designer_class()

@@ -77,11 +77,20 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ConfigError, DistillConfig, ExperimentConfig, LossConfig
+from distillscale.distill.losses import divergence_logits_loss
+from distillscale.manifest import write_text_atomic, writer_path
+from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL, THINK_CLOSE, THINK_OPEN
+from distillscale.train import preemption
 
 BACKENDS = ("auto", "local", "bridge")
 
@@ -89,9 +98,9 @@ BACKENDS = ("auto", "local", "bridge")
 # Anchored at the student's own decoder: Bridge's matcher (peft/module_matcher.py) accepts a
 # bare leaf name anywhere in the tree, which also wraps the linears of ModelOpt's co-located
 # `_teacher_model`; `wildcard_match` anchors the pattern at the start of the full name.
-LORA_TARGETS = ["decoder.layers.*.self_attention.linear_qkv",
-                "decoder.layers.*.self_attention.linear_proj",
-                "decoder.layers.*.mlp.linear_fc1", "decoder.layers.*.mlp.linear_fc2"]
+MEGATRON_LORA_TARGETS = ["decoder.layers.*.self_attention.linear_qkv",
+                         "decoder.layers.*.self_attention.linear_proj",
+                         "decoder.layers.*.mlp.linear_fc1", "decoder.layers.*.mlp.linear_fc2"]
 
 
 def bridge_seed(seed: int) -> int:
@@ -105,12 +114,6 @@ class BridgeUnavailableError(ConfigError):
 
 
 # ----------------------------------------------------------------------------------- backend
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def transformer_engine_available() -> bool:
@@ -185,15 +188,14 @@ def seq_length(cfg: ExperimentConfig) -> int:
 
 def _bridge_imports():
     # On CPU, `import megatron.bridge` needs the import-only TE stub; on GPU this is a no-op.
-    from distillscale.compat.cpu import install_bridge_te_stub
-
-    install_bridge_te_stub()
+    activate()
 
 
 def model_provider(hf_dir: str | Path, layout: ParallelLayout, seq_len: int):
     """A Bridge GPT provider for an HF checkpoint, with our parallel sizes and bf16. Weights are
     loaded by the provider's own pre-wrap hook when the model is built (after parallel init)."""
     _bridge_imports()
+    # heavy: torch / Megatron-Bridge, only when the Bridge builds the model
     import torch
     from megatron.bridge import AutoBridge
     from megatron.bridge.models.gpt_provider import transformer_engine_layer_spec
@@ -223,6 +225,7 @@ def kd_config(loss: LossConfig):
     """ModelOpt's distillation config for our loss section (the criterion itself is created on
     the right pipeline stage by `criterion_hook` when our loss is needed)."""
     _bridge_imports()
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.training.post_training.distillation import ModelOptDistillConfig
 
     keep_lm = loss.alpha < 1.0
@@ -239,9 +242,8 @@ def criterion_hook(kd_cfg, student_provider, loss: LossConfig, real_vocab: int |
     last pipeline stage has the output layer (ModelOpt's own setup does the same)."""
 
     def hook(model_chunks):
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core import parallel_state
-
-        from distillscale.distill.losses import divergence_logits_loss
 
         if parallel_state.is_pipeline_last_stage():
             kd_cfg.criterion = {("output_layer", "output_layer"): divergence_logits_loss(
@@ -259,6 +261,7 @@ def distillation_provider(student_hf: str | Path, teacher_hf: str | Path, cfg: E
     """Bridge's DistillationProvider: the student provider converted in place, the teacher
     co-located. Raises ConfigError on a vocabulary difference it cannot align."""
     _bridge_imports()
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.models.distillation_provider import convert_to_distillation_provider
 
     n = seq_length(cfg)
@@ -285,6 +288,7 @@ def distillation_provider(student_hf: str | Path, teacher_hf: str | Path, cfg: E
 
 
 def _tokenizer_size(hf_dir: str | Path) -> int:
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(str(hf_dir)))
@@ -292,14 +296,16 @@ def _tokenizer_size(hf_dir: str | Path) -> int:
 
 def lora_peft(distill: DistillConfig):
     _bridge_imports()
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.peft.lora import LoRA
 
-    return LoRA(target_modules=list(LORA_TARGETS), dim=distill.lora_rank,
+    return LoRA(target_modules=list(MEGATRON_LORA_TARGETS), dim=distill.lora_rank,
                 alpha=round(distill.lora_alpha))
 
 
 def optimizer_and_scheduler(train):
     _bridge_imports()
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.training.config import OptimizerConfig, SchedulerConfig
 
     optimizer = OptimizerConfig(
@@ -319,8 +325,6 @@ def optimizer_and_scheduler(train):
 
 def sft_completion(row: dict, supervision: str) -> str:
     """The completion the student learns for one row, in the tiny family's format."""
-    from distillscale.tokenizer import PROMPT_TAIL, THINK_CLOSE
-
     if supervision == "label":
         return row["label"]
     depth = "cot_long" if supervision == "blended_cot" else supervision
@@ -332,8 +336,6 @@ def sft_completion(row: dict, supervision: str) -> str:
 
 
 def sft_prompt(row: dict, supervision: str) -> str:
-    from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL, THINK_OPEN
-
     if supervision == "label":
         return f"{PROMPT_HEAD} {row['text']} {PROMPT_TAIL}"
     depth = "cot_long" if supervision == "blended_cot" else supervision
@@ -345,6 +347,7 @@ def chat_template_of(hf_dir: str | Path):
     that template), else None (the tiny family's prompt format)."""
     if not (Path(hf_dir) / "tokenizer_config.json").is_file():
         return None
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
@@ -364,8 +367,6 @@ def write_sft_jsonl(rows: list[dict], val_rows: list[dict], folder: Path,
     chat template (the format its supervision was produced in), else the tiny family's.
     Validation rows are written in `val_format` (default: the training format); `label` for
     validation rows without teacher traces."""
-    from distillscale.manifest import write_text_atomic
-
     def prompt(r, fmt):
         return chat_prompt(chat_tokenizer, r) if chat_tokenizer is not None else \
             sft_prompt(r, fmt)
@@ -383,6 +384,7 @@ def config_container(cfg: ExperimentConfig, student_hf: str | Path, teacher_hf: 
                      work_dir: Path, world_size: int, dataset_root: Path | None = None):
     """The whole Bridge run as one `ConfigContainer` (nothing is built or started)."""
     _bridge_imports()
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.data.builders import GPTSFTDatasetConfig
     from megatron.bridge.training.config import (
         CheckpointConfig,
@@ -446,8 +448,6 @@ def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, ou
                    val_format: str | None = None) -> dict[str, Any]:
     """Distill on GPUs through Megatron-Bridge and export `out_dir/hf`; returns manifest metrics.
     Every rank calls it (Bridge initialises torch.distributed from RANK / WORLD_SIZE)."""
-    from distillscale.manifest import writer_path
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     shared = writer_path(out_dir)
@@ -456,6 +456,7 @@ def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, ou
     sft = shared_sft_dataset(train_rows, val_rows, shared / "sft", cfg.distill.supervision,
                              rank, chat_template_of(teacher_hf), val_format=val_format)
     container = config_container(cfg, student_hf, teacher_hf, shared, world, dataset_root=sft)
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.training.distill import distill
 
     ckpt = Path(container.checkpoint.save)
@@ -479,8 +480,6 @@ def run_or_requeue(train, ckpt: Path, train_iters: int) -> None:
     On its exit signal Bridge checkpoints and calls `sys.exit(0)` (training/train.py, after
     `checkpoint_and_decide_exit`), which `pretrain` re-raises: caught here, the checkpoint is
     confirmed from Megatron's tracker file, and the stage exits with the requeue code."""
-    from distillscale.train import preemption
-
     try:
         train()
     except preemption.Preempted:
@@ -503,10 +502,6 @@ def shared_sft_dataset(rows: list[dict], val_rows: list[dict], folder: Path, sup
                        val_format: str | None = None) -> Path:
     """Rank 0 writes the SFT JSONL into `folder` (rank 0's stage folder); the other ranks wait
     for its `ready` marker (torch.distributed is not up yet) and read the same files."""
-    import time
-
-    from distillscale.manifest import write_text_atomic
-
     marker = folder / "ready"
     if rank == 0:
         marker.unlink(missing_ok=True)
@@ -534,6 +529,7 @@ def checkpointed_iteration(ckpt: Path) -> int:
 def export_hf(method: str, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
     """HF export of the trained checkpoint (run in a process of its own: see
     `export_in_fresh_process`)."""
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge import AutoBridge
 
     bridge = AutoBridge.from_hf_pretrained(str(student_hf))
@@ -558,10 +554,6 @@ def export_hf(method: str, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
 def export_in_fresh_process(method: str, student_hf: Path, ckpt: Path, hf_out: Path) -> None:
     """`export_hf` as its own single-process step: no inherited rank variables, its own
     rendezvous port, so it neither re-initialises this process's group nor meets the job's."""
-    import socket
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     with socket.socket() as s:

@@ -23,6 +23,7 @@ class ExportMismatchError(RuntimeError):
 @torch.no_grad()
 def hf_logit_diff(model, hf_dir: str | Path, tokens: torch.Tensor) -> float:
     """max |logits(Megatron model) - logits(transformers reload of hf_dir)| on `tokens`."""
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     was_training = model.training

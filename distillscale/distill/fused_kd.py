@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from distillscale.distill.losses import KINDS, blend, per_sequence_mean
+from distillscale.models.megatron_gpt import causal_mask
 
 _LOG2 = math.log(2.0)
 
@@ -214,6 +215,7 @@ class FusedHeadKD:
     the full logits."""
 
     def __init__(self, student, teacher, loss_cfg, real_vocab: int | None = None):
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core import parallel_state
 
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -232,8 +234,6 @@ class FusedHeadKD:
         self.chunk = loss_cfg.chunk_tokens or 64
 
     def _forward(self, model, tokens):
-        from distillscale.models.megatron_gpt import causal_mask
-
         b, s = tokens.shape
         pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
         hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from distillscale.compat.cpu import restore_student_methods
 from distillscale.config import DistillConfig
+from distillscale.distill.fused_kd import FusedHeadKD
 from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean re-exported)
     VocabMismatchError,
     alpha_at,
@@ -33,9 +36,12 @@ from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean 
     per_sequence_mean,
     real_vocab_size,
 )
+from distillscale.manifest import read_manifest
 from distillscale.models.megatron_gpt import causal_mask, forward_logits
+from distillscale.teacher.logit_cache import LogitCache, fingerprint_path
+from distillscale.teacher.stage import cache_root, teacher_model_dir
 from distillscale.teacher.supervision import supervision_batch
-from distillscale.tokenizer import PromptEncoder
+from distillscale.tokenizer import PromptEncoder, load_tokenizer
 from distillscale.train.loop import train
 
 
@@ -44,6 +50,7 @@ def make_kd_model(student, teacher, cfg: DistillConfig, real_vocab: int | None =
 
     `real_vocab`: the two models are padded to different vocabulary sizes; the criterion then
     compares them on the real tokenizer range (`losses.align_vocab`)."""
+    # heavy: ModelOpt, only where a model is pruned or distilled
     import modelopt.torch.distill as mtd
     from modelopt.torch.distill.plugins.megatron import (
         DistillationConfig,
@@ -77,15 +84,11 @@ def make_kd_model(student, teacher, cfg: DistillConfig, real_vocab: int | None =
 
 def unwrap_student(kd_model):
     """Back to a plain student GPTModel (teacher and hooks removed)."""
+    # heavy: ModelOpt, only where a model is pruned or distilled
     import modelopt.torch.distill as mtd
 
     student = mtd.export(kd_model)
-    # `adjust_distillation_model_for_mcore` (ModelOpt 0.47) binds forward / loss / PP helpers on
-    # the instance; `mtd.export` restores the class but leaves those bindings, whose forward
-    # then looks for the removed teacher. Drop them so the class methods apply again.
-    for name in ("forward", "sharded_state_dict", "compute_language_model_loss",
-                 "set_student_input_tensor_shape", "set_input_tensor"):
-        student.__dict__.pop(name, None)
+    restore_student_methods(student)
     return student
 
 
@@ -100,12 +103,14 @@ def _answer_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     vocab-parallel cross entropy computes the same value without gathering them."""
     if _tp_size() == 1:
         return answer_ce(logits, targets, mask)
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     return per_sequence_mean(vocab_parallel_cross_entropy(logits.float(), targets), mask)
 
 
 def _tp_size() -> int:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
@@ -143,8 +148,6 @@ def distill(
         # temperature and CE anchor as the online path. The teacher is never in memory.
         model = student
     elif cfg.loss.implementation == "fused_head":
-        from distillscale.distill.fused_kd import FusedHeadKD
-
         fused = FusedHeadKD(student, teacher, cfg.loss, real_vocab)  # no DistillationModel
         model = student
     else:
@@ -176,7 +179,6 @@ def distill(
                     # over ranks, the gradient only this rank's term (the cross-shard terms
                     # already flow through the criterion's all-reduced softmax normaliser). A
                     # differentiable all-reduce here would multiply every gradient by the TP size.
-                    import torch.distributed as dist
                     from megatron.core import parallel_state
 
                     total = per_token.detach().clone()
@@ -222,8 +224,6 @@ def find_logit_cache(supervision_manifest: dict | None, cache_root: Path, fmt: s
 
     The supervision manifest names each format's cache key; the cache itself must be complete
     and made by this teacher (its index records the teacher fingerprint)."""
-    from distillscale.teacher.logit_cache import LogitCache
-
     caches = ((supervision_manifest or {}).get("metrics") or {}).get("caches") or {}
     entry = caches.get(fmt)
     if not entry or "key" not in entry:
@@ -245,10 +245,6 @@ def find_logit_cache(supervision_manifest: dict | None, cache_root: Path, fmt: s
 def load_cached_teacher(cfg, supervision_dir: Path, teacher_dir: Path,
                         train_rows: list[dict]) -> CachedTeacher:
     """The teacher stage's logit cache of `cfg.distill.supervision` over `train_rows`."""
-    from distillscale.manifest import read_manifest
-    from distillscale.teacher.logit_cache import fingerprint_path
-    from distillscale.teacher.stage import cache_root, teacher_model_dir
-
     fmt = cfg.distill.supervision
     cache = find_logit_cache(read_manifest(Path(supervision_dir)), cache_root(cfg), fmt,
                              fingerprint_path(teacher_model_dir(cfg, Path(teacher_dir))))
@@ -325,8 +321,6 @@ def aligned_vocab(teacher_tokenizer, student_dir: Path | None, teacher_vocab: in
     student_tokenizer = None
     hf = Path(student_dir) / "hf" if student_dir is not None else None
     if hf is not None and (hf / "tokenizer_config.json").is_file():
-        from distillscale.tokenizer import load_tokenizer
-
         student_tokenizer = load_tokenizer(hf)
     try:
         real = real_vocab_size(teacher_tokenizer, student_tokenizer)
@@ -341,64 +335,82 @@ def aligned_vocab(teacher_tokenizer, student_dir: Path | None, teacher_vocab: in
     return real
 
 
-@torch.no_grad()
-def answer_logprobs(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
-                    real_vocab: int | None = None) -> torch.Tensor:
-    """[rows, V] log-probabilities at the answer position (T=1; the first `real_vocab` ids)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        b = encoder.encode(rows[i : i + batch_size])
-        logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)), b.answer_pos]
-        if real_vocab is not None:
-            logits = logits[..., :real_vocab]
-        out.append(logits.float().log_softmax(-1))
-    return torch.cat(out)
+# Mask kind of `masked_logprobs` / `masked_kl`: the one position per row predicting the class
+# name's (first) token. Any other kind is a supervision format: the tokens its divergence covers.
+ANSWER = "answer"
 
 
 @torch.no_grad()
-def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
-              real_vocab: int | None = None) -> float:
-    """Mean KL(p_teacher || p_student) at the answer position over `rows` (T=1, full vocab).
+def masked_logprobs(model, encoder: PromptEncoder, rows: list[dict], mask: str = ANSWER,
+                    batch_size: int | None = None, real_vocab: int | None = None):
+    """Log-probabilities (T=1; the first `real_vocab` ids) at the tokens `mask` selects.
 
-    `teacher` is a model or its `answer_logprobs` (computed once, so the teacher need not stay
-    in memory while a student trains from the logit cache)."""
-    lt = teacher if isinstance(teacher, torch.Tensor) else answer_logprobs(
-        teacher, encoder, rows, batch_size, real_vocab)
-    ls = answer_logprobs(student, encoder, rows, batch_size, real_vocab)
-    if ls.shape != lt.shape:
-        raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
-                                 f"{tuple(ls.shape)} differ: pass real_vocab")
-    return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)
-
-
-@torch.no_grad()
-def supervised_logprobs(model, encoder: PromptEncoder, rows: list[dict], fmt: str,
-                        batch_size: int = 64, real_vocab: int | None = None) -> list[torch.Tensor]:
-    """Per row, [n, V] log-probabilities at the tokens the format's divergence covers
-    (`kl_mask_for`: trace + answer, the trace alone for blended CoT; T=1)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        sup = supervision_batch(encoder, rows[i : i + batch_size], fmt)
+    `answer`: one [rows, V] tensor at the answer position (batches of 256). A supervision
+    format: per row, [n, V] at the tokens the format's divergence covers (`kl_mask_for`: trace
+    + answer, the trace alone for blended CoT; batches of 64)."""
+    if mask == ANSWER:
+        out = []
+        step = batch_size or 256
+        for i in range(0, len(rows), step):
+            b = encoder.encode(rows[i : i + step])
+            logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)),
+                                                     b.answer_pos]
+            if real_vocab is not None:
+                logits = logits[..., :real_vocab]
+            out.append(logits.float().log_softmax(-1))
+        return torch.cat(out)
+    per_row = []
+    step = batch_size or 64
+    for i in range(0, len(rows), step):
+        sup = supervision_batch(encoder, rows[i : i + step], mask)
         logits = forward_logits(model, sup.tokens)
         if real_vocab is not None:
             logits = logits[..., :real_vocab]
         lp = logits.float().log_softmax(-1)
-        mask = kl_mask_for(sup, fmt) > 0
-        out += [lp[j][mask[j]] for j in range(len(lp))]
-    return out
+        keep = kl_mask_for(sup, mask) > 0
+        per_row += [lp[j][keep[j]] for j in range(len(lp))]
+    return per_row
 
 
 @torch.no_grad()
-def supervised_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], fmt: str,
-                  real_vocab: int | None = None) -> float:
-    """Mean KL(p_teacher || p_student) per supervised token of format `fmt` over `rows` (T=1):
-    the quantity the format's distillation minimises, on held-out rows. `teacher` is a model or
-    its `supervised_logprobs` (computed once, before a cached run frees the teacher)."""
-    lt = teacher if isinstance(teacher, list) else supervised_logprobs(
-        teacher, encoder, rows, fmt, real_vocab=real_vocab)
-    ls = supervised_logprobs(student, encoder, rows, fmt, real_vocab=real_vocab)
+def masked_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], mask: str = ANSWER,
+              batch_size: int | None = None, real_vocab: int | None = None) -> float:
+    """Mean KL(p_teacher || p_student) per token `mask` selects over `rows` (T=1): at the
+    answer position, or (a supervision format) over the tokens that format's distillation
+    minimises, on held-out rows. `teacher` is a model or its `masked_logprobs` (computed once,
+    so the teacher need not stay in memory while a student trains from the logit cache)."""
+    given = isinstance(teacher, list if mask != ANSWER else torch.Tensor)
+    lt = teacher if given else masked_logprobs(teacher, encoder, rows, mask, batch_size,
+                                               real_vocab)
+    ls = masked_logprobs(student, encoder, rows, mask, batch_size, real_vocab)
+    if mask == ANSWER:
+        if ls.shape != lt.shape:
+            raise VocabMismatchError(f"teacher answer log-probs {tuple(lt.shape)} and student "
+                                     f"{tuple(ls.shape)} differ: pass real_vocab")
+        return F.kl_div(ls, lt, reduction="sum", log_target=True).item() / max(len(rows), 1)
     total = sum(F.kl_div(s, t, reduction="sum", log_target=True).item() for s, t in zip(ls, lt))
     return total / max(sum(len(t) for t in lt), 1)
+
+
+# The names the stages call today, as the `answer` and per-format cases of the pair above.
+def answer_logprobs(model, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+                    real_vocab: int | None = None) -> torch.Tensor:
+    return masked_logprobs(model, encoder, rows, ANSWER, batch_size, real_vocab)
+
+
+def answer_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], batch_size: int = 256,
+              real_vocab: int | None = None) -> float:
+    return masked_kl(student, teacher, encoder, rows, ANSWER, batch_size, real_vocab)
+
+
+def supervised_logprobs(model, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                        batch_size: int = 64, real_vocab: int | None = None) -> list[torch.Tensor]:
+    return masked_logprobs(model, encoder, rows, fmt, batch_size, real_vocab)
+
+
+def supervised_kl(student, teacher, encoder: PromptEncoder, rows: list[dict], fmt: str,
+                  real_vocab: int | None = None) -> float:
+    return masked_kl(student, teacher, encoder, rows, fmt, real_vocab=real_vocab)
 
 
 def mask_token_counts(encoder: PromptEncoder, rows: list[dict], fmt: str) -> dict[str, int]:

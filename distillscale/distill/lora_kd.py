@@ -19,25 +19,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distillscale.compat.cpu import activate
 from distillscale.config import DistillConfig
+from distillscale.distill.logit_kd import kl_mask_for
 from distillscale.distill.losses import align_vocab, alpha_at, answer_ce, blend, blended_cot_loss
+from distillscale.models.hf_io import load_hf, save_hf
 from distillscale.teacher.supervision import supervision_batch
 from distillscale.tokenizer import PromptEncoder
 from distillscale.train.loop import train
 
 # Llama-family projection names (what Megatron-Bridge exports).
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def add_lora(hf_model, rank: int, alpha: float, dropout: float = 0.0):
     """`hf_model` wrapped with peft LoRA adapters; only adapter weights are trainable."""
+    activate()  # on CPU, peft must not dispatch to the transformer-engine import stub
+    # heavy: peft, only for LoRA distillation
     from peft import LoraConfig, get_peft_model
 
-    from distillscale.compat.cpu import apply_peft_cpu_shims
-
-    apply_peft_cpu_shims()
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+                     target_modules=HF_LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(hf_model, cfg)
 
 
@@ -61,8 +63,6 @@ def distill_lora_hf(
     `logit_kd.CachedTeacher`) the teacher's cached top-k replaces `teacher_hf` (None then);
     `real_vocab` aligns differently padded vocabularies as in `logit_kd`.
     """
-    from distillscale.distill.logit_kd import kl_mask_for
-
     if cached is None:
         for p in teacher_hf.parameters():
             p.requires_grad_(False)
@@ -114,9 +114,8 @@ def lora_distill_megatron(student, arch, vocab: int, teacher_hf_dir: Path, token
 
     Returns (merged Megatron GPTModel, history, adapter parameter count).
     """
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
-
-    from distillscale.models.hf_io import load_hf, save_hf
 
     with tempfile.TemporaryDirectory(prefix="lora-kd-") as tmp:
         save_hf(student, arch, vocab, Path(tmp) / "student")

@@ -22,6 +22,8 @@ import math
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -421,6 +423,7 @@ def _criterion_class():
     global _CRITERION
     if _CRITERION is not None:
         return _CRITERION
+    # heavy: ModelOpt, only where a model is pruned or distilled
     from modelopt.torch.distill.plugins.megatron import BaseLoss
 
     class DivergenceLogitsLoss(BaseLoss):
@@ -431,8 +434,7 @@ def _criterion_class():
             self._real_vocab = real_vocab
 
         def _tp_log_softmax(self, x: torch.Tensor) -> torch.Tensor:
-            import torch.distributed as dist
-            import torch.distributed.nn as dist_nn
+            # heavy: megatron-core, only where a Megatron model is built or run
             from megatron.core import parallel_state
 
             group = parallel_state.get_tensor_model_parallel_group()

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 
-def load_hf(path: str | Path):
+def load_hf_causal_lm(path: str | Path):
+    """An HF checkpoint as a transformers causal LM, fp32, in eval mode (what is timed here;
+    `models.hf_io.load_hf` loads one as a Megatron-core GPTModel instead)."""
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -61,7 +64,7 @@ def student_speed(student_hf: str | Path, teacher_hf: str | Path, batch: int = 8
                   seq: int | None = None, repeats: int = 7) -> dict[str, float]:
     """Prefill tokens/s of student and teacher (fastest round) and the student's median
     speedup; `seq` defaults to the teacher's `max_position_embeddings`."""
-    teacher, student = load_hf(teacher_hf), load_hf(student_hf)
+    teacher, student = load_hf_causal_lm(teacher_hf), load_hf_causal_lm(student_hf)
     seq = seq or teacher.config.max_position_embeddings
     tokens = random_prompts(teacher.config.vocab_size, batch, seq)
     times = time_rounds({"teacher": teacher, "student": student}, tokens, repeats)

@@ -21,6 +21,7 @@ BENCHMARKS = {
 
 
 def task_manager(metadata: dict):
+    # optional: lm-eval (the `eval` extra), only when the general benchmarks run
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
@@ -38,6 +39,7 @@ def model_spec(model_dir: Path, backend: str, batch_size: int) -> tuple[str, dic
 
 
 def _cuda() -> bool:
+    # heavy: torch, only on the path that needs it; the rest of this module stays light
     import torch
 
     return torch.cuda.is_available()
@@ -52,6 +54,7 @@ def evaluate(
     `model` is an lm-eval model name (`hf`, `vllm`) with `model_args`, or an `LM` instance.
     Returns metric -> {value, ci_low, ci_high, n}.
     """
+    # optional: lm-eval (the `eval` extra), only when the general benchmarks run
     import lm_eval
 
     if isinstance(model, str):

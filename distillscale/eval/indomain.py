@@ -15,6 +15,8 @@ confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resample
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -50,6 +52,7 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
 
 
 def _hf_model(hf_dir):
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -213,8 +216,6 @@ def parse_answer(text: str, labels: list[str], aliases: dict[str, list[str]] | N
     it what follows the last answer cue (`event :` / `answer:`) if any; the first class name
     (or alias) found there is the answer. Class names inside the reasoning never count.
     """
-    import re
-
     low = text.lower()
     if "</think>" in low:
         low = low.rsplit("</think>", 1)[1]

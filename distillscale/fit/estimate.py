@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import brentq, minimize
 from scipy.special import huber
+from threadpoolctl import threadpool_limits
 
 from distillscale.fit.forms import Form
 
@@ -132,8 +133,6 @@ def single_threaded_blas():
     OpenBLAS spins its idle threads on every call, which made a fit ~20x slower in CPU time
     (and far slower in wall time on a busy machine) than with one thread.
     """
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(limits=1, user_api="blas")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
+from distillscale.config import FitConfig
 from distillscale.fit.estimate import (
     FitResult,
     band,
@@ -445,8 +446,6 @@ def fit_results(long: pd.DataFrame, out_dir: str | Path, fit_cfg=None,
                 num_classes: int | None = None, seed: int = 0,
                 source: str = "results") -> list[dict]:
     """The fit stage: every curve of `long` per `fit_cfg` (a `FitConfig`), written to `out_dir`."""
-    from distillscale.config import FitConfig
-
     fc = fit_cfg or FitConfig()
     groups, skipped = fit_table(
         long, fc.metrics, list(fc.forms), list(fc.x), num_classes=num_classes,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,6 @@ class Fact:
 
 def _simple(name: str) -> str:
     """Lowercase, ASCII-ish, no parenthesised qualifiers: names as a word tokenizer sees them."""
-    import unicodedata
-
     name = re.sub(r"\s*\(.*?\)", "", name).split(",")[0]
     name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     return re.sub(r"[^a-z0-9 ]+", " ", name.lower()).strip()
@@ -75,6 +74,7 @@ def country_names() -> dict[str, str]:
     "virgin islands"), each of them is spelled out in full instead, so no fact is ever about
     two countries at once.
     """
+    # heavy: pycountry loads its ISO data, only when country facts are built
     import pycountry
 
     short = {c.alpha_2: _simple(getattr(c, "common_name", None) or c.name)
@@ -95,6 +95,7 @@ def country_names() -> dict[str, str]:
 def country_facts() -> list[tuple[str, str, str]]:
     """(country, currency, language) for every ISO country whose CLDR data names both (the
     official or, like English in the US, de facto language), sorted."""
+    # heavy: babel / pycountry load CLDR and ISO data, only when facts are built
     import babel.languages
     import babel.numbers
     import pycountry
@@ -182,6 +183,7 @@ _NON_ISO = {"uk": "GB"}
 
 def country_name(word: str) -> str | None:
     """A headline's country mention ("US", "Germany", "UK") as the name the facts use."""
+    # heavy: pycountry loads its ISO data, only when country facts are built
     import pycountry
 
     try:
@@ -195,6 +197,7 @@ def country_name(word: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _cldr_english() -> dict[str, str]:
+    # heavy: babel / pycountry load CLDR and ISO data, only when facts are built
     import babel
 
     return {name.lower(): code for code, name in babel.Locale("en").territories.items()
@@ -248,6 +251,7 @@ def write_mmlu_probe(
     with (see `build_facts`); dev takes `dev_per_subject` questions per subject for few-shot
     prompts and test the rest (at most `n`). Files are written atomically. Returns split sizes.
     """
+    # heavy: pandas / pyarrow, only where a table is read or written
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -13,11 +13,13 @@ Kinds of job (what the launcher runs decides how processes map onto GPUs):
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distillscale.config import ConfigError, ExperimentConfig
+from distillscale.config import ConfigError, ExperimentConfig, ModelArch
+from distillscale.prune.schedule import plan_schedule
 
 KINDS = ("prune_distill", "teacher", "eval", "data", "fit")
 
@@ -161,10 +163,6 @@ def prune_layout(world_size: int) -> tuple[int, int, int]:
 
 def teacher_arch_from_hf(hf_dir: Path):
     """(ModelArch, vocab size) from an HF teacher's config.json, without loading weights."""
-    import json
-
-    from distillscale.config import ModelArch
-
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"teacher.hf_path: {path} not found (the launch plan reads the "
@@ -207,18 +205,6 @@ def check_student_layouts(cfg: ExperimentConfig, tp: int, pp: int, sequence_para
     """Every student the schedule plans (every step), and the teacher, must fit the distill
     layout; checked here, before an allocation is asked for. Needs the teacher's shape: an HF
     teacher's config.json, or the trained teacher's arch.json once it exists (else skipped)."""
-    import json
-
-    from distillscale.config import ModelArch
-
-    try:  # the schedule imports torch (through the Minitron shape search)
-        from distillscale.prune.schedule import plan_schedule
-    except ImportError as e:
-        import sys
-
-        print(f"launch plan: student layouts not checked on this host ({e}); set "
-              "DISTILLSCALE_PYTHON to a Python with torch", file=sys.stderr)
-        return
     if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
         arch, vocab = teacher_arch_from_hf(Path(cfg.teacher.hf_path))
     else:

@@ -5,6 +5,9 @@ The rank comes from torch.distributed once it is initialized, else from the `RAN
 exists). Stages that every rank computes (training, pruning, evaluation) meet at barriers;
 stages that only rank 0 computes (data, fit) make the other ranks wait for the finished
 manifest on the shared file system.
+
+The rank queries live in `distillscale.runtime.ranks` (re-exported here); this module adds the
+wait that needs the manifest.
 """
 
 from __future__ import annotations
@@ -13,34 +16,10 @@ import os
 import time
 from pathlib import Path
 
+from distillscale.manifest import is_up_to_date
+from distillscale.runtime.ranks import barrier, is_rank_zero, rank, world_size
 
-def _dist():
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return None
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank() -> int:
-    dist = _dist()
-    return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    dist = _dist()
-    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_rank_zero() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    """All ranks meet here; a no-op for one process or before any process group exists."""
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        dist.barrier()
+__all__ = ["barrier", "is_rank_zero", "rank", "wait_for_stage", "world_size"]
 
 
 def wait_for_stage(
@@ -52,8 +31,6 @@ def wait_for_stage(
     If rank 0 dies, srun's `--kill-on-bad-exit=1` ends this rank too; the timeout
     (`DISTILLSCALE_STAGE_WAIT_S`, default 24 h) is a last resort for other launchers.
     """
-    from distillscale.manifest import is_up_to_date
-
     if timeout_s is None:
         timeout_s = float(os.environ.get("DISTILLSCALE_STAGE_WAIT_S", str(24 * 3600)))
     deadline = time.monotonic() + timeout_s

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
+from rich.progress import Progress
 
 from distillscale.config import (
     CMDLINE,
@@ -44,7 +45,7 @@ from distillscale.config import (
     load_config,
     load_yaml_model,
 )
-from distillscale.manifest import MANIFEST, write_json_atomic, write_text_atomic
+from distillscale.manifest import MANIFEST, atomic_path, write_json_atomic, write_text_atomic
 
 DONE_MARKER = "launch_done.json"
 # The sections whose values decide a cell's results; `launch` and `output_dir` only decide
@@ -201,8 +202,6 @@ def run_sweep_here(plan: dict) -> None:
     path of launchers/sweep.sh): the same stages the Slurm array tasks run, without paying the
     stack's start-up (about 20 s of imports) once per cell and stage. A cell's own fit and report
     are left to the sweep's fit, which covers every cell together."""
-    from rich.progress import Progress
-
     from distillscale import pipeline
 
     ups = [u for u in plan["upstreams"] if not u["done"]
@@ -232,6 +231,7 @@ def collect_results(root: Path) -> Path:
     The table keeps the eval stage's long schema with a `cell` column added, so the fit and
     report commands read it like any other results table (`distillscale fit --results ...`).
     """
+    # heavy: pandas, only where a table is read or written
     import pandas as pd
 
     frames = []
@@ -249,7 +249,6 @@ def collect_results(root: Path) -> Path:
     long = long.drop_duplicates(subset=same).reset_index(drop=True)
     for name, write in (("results.parquet", lambda p: long.to_parquet(p, index=False)),
                         ("results_long.csv", lambda p: long.to_csv(p, index=False))):
-        tmp = root / f".{name}.tmp{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, root / name)
+        with atomic_path(root / name) as tmp:
+            write(tmp)
     return root / "results.parquet"

@@ -11,22 +11,22 @@ teacher stage and is shared by every student.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from distillscale.config import ModelArch
-from distillscale.launch import ranks
-from distillscale.manifest import write_text_atomic, writer_path
+from distillscale.manifest import atomic_path, replace_dir, write_text_atomic, writer_path
 from distillscale.models.megatron_gpt import build_gpt
+from distillscale.runtime import ranks
 
 CHECKPOINT = "checkpoint"
 DIST = "dist"
 
 
 def _model_parallel_size() -> int:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -45,9 +45,8 @@ def save_model(model, arch: ModelArch, vocab_size: int, folder: Path) -> None:
     ck = Path(folder) / CHECKPOINT
     ck.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    tmp = ck / f".model.pt.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, ck / "model.pt")
+    with atomic_path(ck / "model.pt") as tmp:
+        torch.save(state, tmp)
     shutil.rmtree(ck / DIST, ignore_errors=True)  # a stale split-model checkpoint
     _write_meta(ck, arch, vocab_size)
 
@@ -58,6 +57,7 @@ def _write_meta(ck: Path, arch: ModelArch, vocab_size: int) -> None:
 
 
 def _save_distributed(model, arch: ModelArch, vocab_size: int, ck: Path) -> None:
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import dist_checkpointing
 
     tmp = ck / f".{DIST}.partial"
@@ -68,8 +68,7 @@ def _save_distributed(model, arch: ModelArch, vocab_size: int, ck: Path) -> None
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
     ranks.barrier()
     if ranks.is_rank_zero():
-        shutil.rmtree(ck / DIST, ignore_errors=True)
-        os.replace(tmp, ck / DIST)
+        replace_dir(tmp, ck / DIST)
         (ck / "model.pt").unlink(missing_ok=True)  # a stale single-rank checkpoint
         _write_meta(ck, arch, vocab_size)
     ranks.barrier()
@@ -86,6 +85,7 @@ def load_model(folder: Path):
     vocab = int(meta["vocab_size"])
     model = build_gpt(arch, vocab)
     if (ck / DIST / "metadata.json").is_file():
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core import dist_checkpointing
 
         # Resharded to this process's TP/PP layout, whatever layout wrote it.

@@ -11,10 +11,13 @@ dequantized checkpoint is not the original fp32 one: its weights carry the quant
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
 from pathlib import Path
+
+from distillscale.manifest import replace_dir, write_text_atomic
 
 
 def find_gguf(file: str, package: str | None = None) -> Path:
@@ -24,7 +27,6 @@ def find_gguf(file: str, package: str | None = None) -> Path:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such GGUF file")
         return p.resolve()
-    import importlib.util
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -39,10 +41,9 @@ def find_gguf(file: str, package: str | None = None) -> Path:
 def hf_from_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
     """Write the dequantized HF checkpoint of `gguf` into `out` (skipped when `out` already
     holds one made from the same file, unless `force`)."""
+    # heavy: torch / transformers, only when a GGUF file is converted
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distillscale.manifest import write_text_atomic
 
     gguf, out = Path(gguf), Path(out)
     record = {"gguf": str(gguf), "bytes": gguf.stat().st_size,
@@ -77,10 +78,5 @@ def hf_from_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
                   params=sum(p.numel() for p in model.parameters()),
                   seconds=round(time.perf_counter() - start, 1))
     write_text_atomic(tmp / "distillscale_source.json", json.dumps(record, indent=2))
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return out

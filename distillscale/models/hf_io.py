@@ -28,9 +28,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from distillscale.compat.cpu import apply_cpu_shims, cuda_available, install_bridge_te_stub
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ModelArch
+from distillscale.manifest import replace_dir
+from distillscale.models.megatron_gpt import init_distributed
 
 # HF families `save_hf` can write: (architecture, megatron qk_layernorm, megatron add_qkv_bias).
 _FAMILIES = {
@@ -45,35 +48,30 @@ _FAMILIES = {
 
 def _auto_bridge():
     """AutoBridge, after the process groups, CPU shims and (CPU only) the TE import stub."""
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        # Already set up by the caller: calling init_distributed again would re-seed the RNGs.
-        apply_cpu_shims()
-    else:
-        from distillscale.models.megatron_gpt import init_distributed
-
+    # Already set up by the caller: calling init_distributed again would re-seed the RNGs.
+    if not parallel_state.model_parallel_is_initialized():
         init_distributed()
-    install_bridge_te_stub()
+    activate()  # `import megatron.bridge` needs the TE import stub on CPU
+    # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge import AutoBridge
 
     return AutoBridge
 
 
 def _rank0() -> bool:
-    import torch.distributed as dist
-
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def _unwrap(model):
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.utils import unwrap_model
 
     return unwrap_model(model)
@@ -148,6 +146,7 @@ def hf_config(
     rope_scaling: dict | None = None,
 ):
     """The transformers config of an `arch`-shaped model of this HF family."""
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoConfig
 
     architecture = _FAMILIES[family][0]
@@ -207,6 +206,7 @@ def _check_shape(model, arch: ModelArch, vocab_size: int) -> None:
         raise ValueError(f"save_hf: model does not match arch ({detail})")
     emb = getattr(getattr(model, "embedding", None), "word_embeddings", None)
     if emb is not None:
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core import parallel_state
 
         rows = emb.weight.shape[0] * parallel_state.get_tensor_model_parallel_world_size()
@@ -215,16 +215,6 @@ def _check_shape(model, arch: ModelArch, vocab_size: int) -> None:
                 f"save_hf: embedding is {tuple(emb.weight.shape)} (x TP), expected "
                 f"[{vocab_size}, {arch.hidden_size}]"
             )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished `src` to `dst`; an existing `dst` is replaced, never half-written."""
-    old = dst.parent / f".{dst.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokenizer=None) -> Path:
@@ -267,7 +257,7 @@ def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokeni
         if _rank0():
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
     finally:
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +299,7 @@ def arch_from_hf_config(path: str | Path) -> tuple[ModelArch, int]:
     (QKV bias) and Qwen3 (QK layernorm) are read; anything outside the dense RMSNorm / SwiGLU /
     RoPE decoder ModelArch describes is refused with the file and the feature named.
     """
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoConfig
 
     p = Path(path)
@@ -394,6 +385,7 @@ def load_hf(path: str | Path):
     dict loads into it.
     """
     auto_bridge = _auto_bridge()
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
     path = Path(path)

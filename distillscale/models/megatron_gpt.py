@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from distillscale.compat.cpu import apply_cpu_shims, cuda_available
+from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ModelArch
+from distillscale.models.shape import arch_params  # noqa: F401  (re-exported)
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 0) -> None:
@@ -22,11 +24,11 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     Under srun/torchrun the usual RANK / WORLD_SIZE / MASTER_ADDR variables are used; a plain
     single process gets a world of one over a file store (no port to collide with).
     """
-    import torch.distributed as dist
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp_random
 
-    apply_cpu_shims()
+    activate()
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
@@ -47,6 +49,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
 
 
 def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_parallel: int = 1):
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = cuda_available()
@@ -84,11 +87,13 @@ def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_paral
 
 def layer_spec(qk_layernorm: bool = False):
     if cuda_available():
+        # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
@@ -125,6 +130,7 @@ def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeli
     tensor-parallel ranks only; pipeline stages come from Megatron-Bridge's providers on the
     GPU path. Building here under PP > 1 would give every rank half the layers with both the
     embedding and the output layer, a silently wrong model, so it is refused."""
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -161,6 +167,7 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
 
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, seq] token ids -> [batch, seq, vocab] logits (gathered over TP)."""
+    # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -174,17 +181,3 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def arch_params(arch: ModelArch, vocab_size: int) -> int:
-    """Parameter count of a model of this shape (matches `count_params`)."""
-    h, f, L = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers
-    d = arch.head_dim
-    qkv_out = d * (arch.num_attention_heads + 2 * arch.num_query_groups)
-    attn = h * qkv_out + arch.num_attention_heads * d * h
-    if arch.add_qkv_bias:
-        attn += qkv_out
-    mlp = 2 * h * f + f * h
-    norms = 2 * h + (2 * d if arch.qk_layernorm else 0)
-    emb = vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    return L * (attn + mlp + norms) + emb + h

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distillscale.compat.console import stderr_console
 from distillscale.config import ModelArch, PruneConfig, StudentTarget
-from distillscale.models.megatron_gpt import arch_params
-from distillscale.prune.minitron import PRUNABLE_KEYS, choose_shape, pruned_arch
+from distillscale.models.shape import arch_params
+from distillscale.prune.shapes import PRUNABLE_KEYS, choose_shape, pruned_arch
 
 
 def schedule_ratios(final_ratio: float, schedule: str, steps: int = 1, decay: float = 0.5) -> list[float]:
@@ -71,8 +72,6 @@ def _warn_unreachable(student: StudentTarget, achieved: float) -> None:
     far = abs(achieved - asked) > 0.05 or not 0.8 <= achieved / asked <= 1.25
     key = (student.name, student.axis, asked, round(achieved, 4))
     if far and key not in _WARNED:
-        from distillscale.compat.console import stderr_console
-
         _WARNED.add(key)
         stderr_console().print(
             f"warning: students.{student.name}: compression_ratio {asked} cannot be reached "

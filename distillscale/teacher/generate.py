@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distillscale.compat.console import stderr_console
 from distillscale.domain import Taxonomy
-from distillscale.manifest import write_json_atomic
+from distillscale.manifest import atomic_path, write_json_atomic
 from distillscale.teacher.adapters import FamilyAdapter
 from distillscale.teacher.parse import LabelParser
 
@@ -53,6 +52,7 @@ def _retriable() -> tuple[type[BaseException], ...]:
     client's); anything else is a bug and propagates."""
     kinds: list[type[BaseException]] = [TimeoutError, ConnectionError]
     try:
+        # optional: the openai client, only for an OpenAI-compatible server
         import openai
 
         kinds += [openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
@@ -151,11 +151,9 @@ def _plan_hash(rows: list[dict], settings: GenerationSettings) -> str:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_supervision(backend, adapter: FamilyAdapter, taxonomy: Taxonomy, rows: list[dict],
@@ -211,6 +209,7 @@ def generate_supervision(backend, adapter: FamilyAdapter, taxonomy: Taxonomy, ro
 def supervision_stats(rows: list[dict], depths: list[str], labels: list[str]) -> dict:
     """Per depth: teacher accuracy and macro F1 against the dataset label, agreement with the
     gold label, rejections by reason, trace-length statistics (tokens) and budget cuts."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.metrics import f1_score
 
     index = {n: i for i, n in enumerate(labels)}

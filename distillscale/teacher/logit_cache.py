@@ -35,12 +35,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from distillscale.manifest import atomic_path, write_json_atomic
 
 INDEX = "index.json"
 # How a shard stores ids and log-probabilities (`LogitCache.write_shard`).
@@ -184,8 +188,6 @@ class LogitCache:
         `logprob_bits`-bit steps below its top-1 (`quantize_logprobs`, the top-1 and the tail
         log-mass float16), tail draws' ids bit-packed and their log-probabilities quantized
         the same way below the top-1 on their own step."""
-        from safetensors.numpy import save_file
-
         if not rows:
             raise ValueError("empty shard")
         if encoding not in ENCODINGS:
@@ -229,14 +231,11 @@ class LogitCache:
                      "row_ids": json.dumps([r.row_id for r in rows])})
         self.path.mkdir(parents=True, exist_ok=True)
         dst = self.shard_path(i)
-        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return dst
 
     def finalize(self, meta: dict) -> None:
-        from distillscale.manifest import write_json_atomic
-
         shards = sorted(p.name for p in self.path.glob("shard-*.safetensors"))
         tokens = sum(int(self._read_shard(self.path / s)[0]["offsets"][-1]) for s in shards)
         size = sum((self.path / s).stat().st_size for s in shards)
@@ -250,8 +249,6 @@ class LogitCache:
 
     @staticmethod
     def _read_shard(path: Path):
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -353,8 +350,6 @@ def build_cache(backend, sequences: list[list[int]], spans: list[tuple[int, int]
                 tail_samples: int = 0, seed: int = 0, encoding: str = "fp16",
                 logprob_bits: int = 6) -> LogitCache:
     """Fill `cache` with the teacher's top-k at the given spans, shard by shard (resumable)."""
-    from rich.progress import Progress
-
     if cache.complete:
         return cache
     n_shards = max(1, -(-len(sequences) // shard_size))

@@ -16,6 +16,7 @@ times as often as each CoT format.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,48 @@ import torch.nn.functional as F
 
 from distillscale.compat.console import stderr_console
 from distillscale.config import ExperimentConfig
+from distillscale.data.build import read_jsonl
+from distillscale.distill.export import check_hf_export
 from distillscale.domain import Taxonomy
+from distillscale.eval.indomain import predict_labels
+from distillscale.knowledge.general import (
+    build_facts,
+    country_lookup,
+    country_name,
+    knowledge_corpus,
+    probe_rows,
+    write_mmlu_probe,
+)
+from distillscale.manifest import write_text_atomic
+from distillscale.models.checkpoint import load_model, save_model
+from distillscale.models.hf_io import hf_family, load_hf, save_hf
+from distillscale.models.megatron_gpt import build_gpt, count_params, forward_logits
+from distillscale.teacher.adapters import load_adapter
+from distillscale.teacher.backends import make_backend
+from distillscale.teacher.generate import (
+    GenerationSettings,
+    generate_supervision,
+    supervision_stats,
+)
+from distillscale.teacher.logit_cache import (
+    LogitCache,
+    build_cache,
+    cache_key,
+    fingerprint_path,
+    kd_sequences,
+    sequences_hash,
+)
+from distillscale.teacher.rationale import RationaleBuilder
+from distillscale.teacher.supervision import FORMAT_DEPTH, supervision_batch
+from distillscale.tokenizer import (
+    PROMPT_HEAD,
+    PROMPT_TAIL,
+    PromptEncoder,
+    build_word_tokenizer,
+    load_tokenizer,
+    make_encoder,
+)
+from distillscale.train.loop import train
 
 console = stderr_console()
 PROBE_DIR = "knowledge_probe"
@@ -37,8 +79,6 @@ LABEL_WEIGHT = 3
 def teacher_facts(cfg: ExperimentConfig, taxonomy: Taxonomy):
     """The fact set of this experiment: the countries of the domain's `knowledge_slot` (if it
     names one) are always in."""
-    from distillscale.knowledge.general import build_facts, country_name
-
     k = cfg.teacher.knowledge
     slot = taxonomy.slots.get(taxonomy.knowledge_slot) if taxonomy.knowledge_slot else None
     named = [country_name(str(v)) for v in slot] if isinstance(slot, list) else []
@@ -54,20 +94,6 @@ def _knowledge_ids(tok, sentences: list[str], seq_length: int) -> list[list[int]
 def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
                           train_rows: list[dict], val_rows: list[dict]) -> dict:
     """Train the tiny teacher into `out` (a stage temp folder); resumable. Returns metrics."""
-    from distillscale.eval.indomain import predict_labels
-    from distillscale.knowledge.general import (
-        country_lookup,
-        knowledge_corpus,
-        probe_rows,
-        write_mmlu_probe,
-    )
-    from distillscale.models.checkpoint import load_model, save_model
-    from distillscale.models.hf_io import save_hf
-    from distillscale.models.megatron_gpt import build_gpt, count_params, forward_logits
-    from distillscale.teacher.rationale import RationaleBuilder
-    from distillscale.tokenizer import PromptEncoder, build_word_tokenizer
-    from distillscale.train.loop import train
-
     arch = cfg.teacher.arch
     kcfg = cfg.teacher.knowledge
     facts, include = teacher_facts(cfg, taxonomy)
@@ -194,9 +220,6 @@ def prompt_encoder(cfg: ExperimentConfig, teacher_dir: Path, taxonomy: Taxonomy,
     """(encoder, tokenizer) of this experiment's prompt format, from the teacher stage's
     tokenizer: the tiny family's `PromptEncoder`, or for an HF teacher a `ChatPromptEncoder`
     over the checkpoint's chat template and this experiment's family adapter."""
-    from distillscale.teacher.adapters import load_adapter
-    from distillscale.tokenizer import load_tokenizer, make_encoder
-
     teacher_dir = Path(teacher_dir)
     tok = load_tokenizer(teacher_dir / "tokenizer")
     if seq_length is None:
@@ -216,6 +239,7 @@ def resolve_hf_path(hf_path: str) -> Path:
         return p.resolve()
     if p.is_absolute() or hf_path.startswith(".") or hf_path.count("/") != 1:
         raise FileNotFoundError(f"teacher.hf_path={hf_path}: no such folder")
+    # heavy: huggingface_hub (with transformers), only when a hub model is fetched
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -243,18 +267,8 @@ def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     `out/tokenizer/`, `out/hf` linking the checkpoint itself (lm-eval, the HF backends and the
     speed comparison read it), the knowledge probe, and the imported model's in-domain
     validation accuracy (label-constrained, on its HF checkpoint). Returns metrics."""
-    import os
-
+    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoTokenizer
-
-    from distillscale.distill.export import check_hf_export
-    from distillscale.eval.indomain import predict_labels
-    from distillscale.knowledge.general import write_mmlu_probe
-    from distillscale.models.checkpoint import save_model
-    from distillscale.models.hf_io import hf_family, load_hf
-    from distillscale.models.megatron_gpt import count_params
-    from distillscale.teacher.adapters import load_adapter
-    from distillscale.tokenizer import make_encoder
 
     src = resolve_hf_path(cfg.teacher.hf_path)
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -308,17 +322,6 @@ def teacher_model_dir(cfg: ExperimentConfig, teacher_dir: Path) -> Path:
 def supervise(cfg: ExperimentConfig, teacher_dir: Path, data_dir: Path, out: Path,
               taxonomy: Taxonomy) -> dict:
     """Generate supervision for the configured splits into `out`; returns manifest metrics."""
-    from distillscale.data.build import read_jsonl
-    from distillscale.manifest import write_text_atomic
-    from distillscale.teacher.adapters import load_adapter
-    from distillscale.teacher.backends import make_backend
-    from distillscale.teacher.generate import (
-        GenerationSettings,
-        generate_supervision,
-        supervision_stats,
-    )
-    from distillscale.teacher.logit_cache import fingerprint_path
-
     sc = cfg.teacher.supervision
     adapter = load_adapter(supervision_family(cfg))
     model_dir = teacher_model_dir(cfg, teacher_dir)
@@ -360,17 +363,6 @@ def cache_root(cfg: ExperimentConfig) -> Path:
 def build_caches(cfg, backend, teacher_dir: Path, adapter, rows: list[dict], taxonomy,
                  teacher_fp: str) -> dict:
     """A top-k logit cache per configured format over the rows the format can use."""
-    from distillscale.teacher.logit_cache import (
-        LogitCache,
-        build_cache,
-        cache_key,
-        fingerprint_path,
-        kd_sequences,
-        sequences_hash,
-    )
-    from distillscale.teacher.supervision import FORMAT_DEPTH, supervision_batch
-    from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL
-
     cc = cfg.teacher.supervision.cache
     encoder, _ = prompt_encoder(cfg, teacher_dir, taxonomy)
     out = {}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distillscale.compat.console import stderr_console
 from distillscale.config import TrainConfig
-from distillscale.manifest import DiskSpaceError, check_free_space, remove_partials
+from distillscale.manifest import DiskSpaceError, atomic_path, check_free_space, remove_partials
 from distillscale.train import preemption
 
 
@@ -85,21 +86,17 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, history: list,
                      fingerprint: str | None = None, needed_bytes: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, needed_bytes, f"the checkpoint {path.name}")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "history": history, "fingerprint": fingerprint},
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # never leaves a partial checkpoint behind
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "history": history, "fingerprint": fingerprint},
+                tmp,
+            )
     except BaseException as e:
-        tmp.unlink(missing_ok=True)  # never leave a partial checkpoint behind
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DiskSpaceError):
             # torch reports a failed write as "[enforce fail at inline_container.cc:...]
             # unexpected pos ..."; say what was being written and how much room is left.
-            import shutil
-
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             free = shutil.disk_usage(path.parent).free
             raise DiskSpaceError(
@@ -180,6 +177,8 @@ def train(
         start, history = state["step"], state["history"]
     writer = None
     if tensorboard_dir is not None:
+        # heavy: torch's TensorBoard writer loads tensorboard (and its protobufs); only when a
+        # run logs scalars.
         from torch.utils.tensorboard import SummaryWriter
 
         # Events after the checkpoint (steps > start) were logged by a killed run: drop them.

@@ -84,9 +84,11 @@ def requested() -> bool:
     same step: a rank that stopped alone would leave the others blocked in a collective.
     """
     flag = _requested is not None
+    # heavy: torch, only on the path that needs it; the rest of this module stays light
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # heavy: torch, only on the path that needs it; the rest of this module stays light
         import torch
 
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -98,6 +100,7 @@ def requested() -> bool:
 
 def stop(where: str, checkpoint: Path | None, step: int | None) -> None:
     """Raise `Preempted` once every rank has finished writing its checkpoint."""
+    # heavy: torch, only on the path that needs it; the rest of this module stays light
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -42,9 +42,9 @@ def test_forced_bridge_without_cuda_or_te_is_one_clear_line(cuda, te, missing):
 
 
 def test_this_machine_runs_local_and_the_te_stub_does_not_count():
-    from distillscale.compat.cpu import install_bridge_te_stub
+    from distillscale.compat.cpu import activate
 
-    install_bridge_te_stub()  # the import-only stub the CPU path installs
+    activate()  # the import-only stub the CPU path installs
     assert not torch.cuda.is_available()
     assert not bridge.transformer_engine_available()
     assert bridge.select_backend("auto") == "local"

@@ -21,16 +21,6 @@ from distillscale.distill.fused_kd import (
 B, S, V, HS, HT = 3, 7, 13, 6, 9
 
 
-def _masks():
-    g = torch.Generator().manual_seed(5)
-    trace = (torch.rand(B, S, generator=g) > 0.4).float()
-    trace[2] = 0.0  # a sequence without any trace token
-    answer = torch.zeros(B, S)
-    answer[:, -2] = 1.0
-    trace[:, -2] = 0.0
-    return trace, answer
-
-
 def _ref_div(zs, zt, kind, t):
     """One position: the divergence between softmax(z / t), float64, from probabilities."""
     ps, pt = torch.softmax(zs.double() / t, -1), torch.softmax(zt.double() / t, -1)
@@ -89,8 +79,8 @@ def _grads(fn, tied, seed=0):
 @pytest.mark.parametrize("t", [1.0, 2.5])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
-def test_fused_blended_cot_matches_brute_force(kind, t, tied, alpha):
-    kl_mask, answer = _masks()
+def test_fused_blended_cot_matches_brute_force(kind, t, tied, alpha, kd_masks):
+    kl_mask, answer = kd_masks
     ref, ref_g = _grads(lambda hs, w, ht, wt, y: _ref_loss(
         hs, w, ht, wt, y, kl_mask, answer, alpha, t, kind), tied)
     got, got_g = _grads(lambda hs, w, ht, wt, y: fused_blended_cot_loss(
@@ -103,9 +93,9 @@ def test_fused_blended_cot_matches_brute_force(kind, t, tied, alpha):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_fused_equals_the_logits_loss_at_any_chunk(chunk):
+def test_fused_equals_the_logits_loss_at_any_chunk(chunk, kd_masks):
     """Same value and gradients as `losses.blended_cot_loss` on the full logits (fp32)."""
-    kl_mask, answer = _masks()
+    kl_mask, answer = kd_masks
     kw = {"alpha": 0.7, "temperature": 2.0, "kind": "jsd"}
     ref, ref_g = _grads(lambda hs, w, ht, wt, y: L.blended_cot_loss(
         hs @ w.T, ht @ wt.T, y, kl_mask, answer, **kw)[0], False)
@@ -116,12 +106,12 @@ def test_fused_equals_the_logits_loss_at_any_chunk(chunk):
         assert torch.allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_per_token_values_and_skipped_tokens():
+def test_per_token_values_and_skipped_tokens(kd_masks):
     """The per-token output is each position's divergence; weight-0 tokens are not computed
     (0 there) and get no gradient."""
     _tokens, _emb, _mix, head, ht, wt, _ = _inputs(1)
     hs = torch.randn(B * S, HS, requires_grad=True)
-    w = per_sequence_weights(_masks()[0]).reshape(-1)
+    w = per_sequence_weights(kd_masks[0]).reshape(-1)
     loss, per = fused_head_divergence(hs, head, ht.reshape(B * S, -1), wt, w, "reverse_kl",
                                       1.5, 2)
     full = L.token_divergence(hs @ head.T, ht.reshape(B * S, -1) @ wt.T, "reverse_kl", 1.5)
@@ -150,8 +140,8 @@ def test_incoming_gradient_scales_and_no_grad_computes_no_gradient():
     assert not loss.requires_grad
 
 
-def test_bf16_inputs_keep_bf16_gradients_close_to_fp32():
-    kl_mask, answer = _masks()
+def test_bf16_inputs_keep_bf16_gradients_close_to_fp32(kd_masks):
+    kl_mask, answer = kd_masks
     tokens, emb, mix, head, ht, wt, targets = _inputs(3)
     hs32 = torch.tanh(emb[tokens] @ mix)
     out = {}

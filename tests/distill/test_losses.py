@@ -39,16 +39,6 @@ def _ref_grid(zs, zt, kind, t):
                          for b in range(B)], dtype=torch.float64)
 
 
-def _masks():
-    g = torch.Generator().manual_seed(5)
-    trace = (torch.rand(B, S, generator=g) > 0.4).float()
-    trace[2] = 0.0  # a sequence without any trace token
-    answer = torch.zeros(B, S)
-    answer[:, -2] = 1.0
-    trace[:, -2] = 0.0
-    return trace, answer
-
-
 @pytest.mark.parametrize("kind", L.KINDS)
 @pytest.mark.parametrize("t", [1.0, 2.5])
 def test_token_divergence_matches_brute_force(kind, t):
@@ -93,10 +83,10 @@ def test_alpha_warmup():
 @pytest.mark.parametrize("kind", L.KINDS)
 @pytest.mark.parametrize("t,alpha", [(1.0, 1.0), (2.0, 0.6), (0.5, 0.0)])
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_blended_cot_loss_matches_brute_force(kind, t, alpha, chunk):
+def test_blended_cot_loss_matches_brute_force(kind, t, alpha, chunk, kd_masks):
     zs, zt = _logits(2), _logits(3)
     targets = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(9))
-    trace, answer = _masks()
+    trace, answer = kd_masks
     loss, logs = L.blended_cot_loss(zs, zt, targets, trace, answer, alpha=alpha, temperature=t,
                                     kind=kind, chunk_tokens=chunk)
     div = _ref_grid(zs, zt, kind, t)
@@ -115,11 +105,11 @@ def test_blended_cot_loss_matches_brute_force(kind, t, alpha, chunk):
     assert logs["kl"] == pytest.approx(kl, rel=1e-5, abs=1e-6)
 
 
-def test_blend_masks_select_tokens():
+def test_blend_masks_select_tokens(kd_masks):
     """Changing logits on prompt positions must not change the loss; on trace positions it must."""
     zs, zt = _logits(2), _logits(3)
     targets = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(9))
-    trace, answer = _masks()
+    trace, answer = kd_masks
     base, _ = L.blended_cot_loss(zs, zt, targets, trace, answer, alpha=0.5)
     prompt = (trace + answer) == 0
     z2 = zs.clone()

@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from distillscale.domain import load_taxonomy
+
 MMLU_COLUMNS = ("question", "subject", "choices", "answer")
 MMLU_PRO_COLUMNS = ("question", "options", "answer", "answer_index", "category")
 LETTERS = "ABCDEFGHIJ"
@@ -55,6 +57,7 @@ def split_files(root: Path, split: str) -> list[Path]:
 
 
 def _read(files: list[Path]):
+    # heavy: pandas, only where a table is read or written
     import pandas as pd
 
     frames = []
@@ -94,6 +97,7 @@ def validate_mmlu_pro(df, source: str) -> None:
 
 
 def _dataset(frames, validate, columns, prefix: str):
+    # optional: HF datasets (with lm-eval) and pandas, only when a task's documents load
     import datasets
     import pandas as pd
 
@@ -112,6 +116,7 @@ def _dataset(frames, validate, columns, prefix: str):
 
 def load_mmlu(**kwargs):
     """`cais/mmlu`-schema copy -> DatasetDict(test, dev)."""
+    # optional: HF datasets (with lm-eval), only when a task's documents are loaded
     import datasets
 
     root = _path(kwargs, "mmlu_path", "DISTILLSCALE_MMLU_PATH")
@@ -127,6 +132,7 @@ def load_mmlu(**kwargs):
 
 def load_mmlu_pro(**kwargs):
     """`TIGER-Lab/MMLU-Pro`-schema copy -> DatasetDict(test, validation)."""
+    # optional: HF datasets (with lm-eval), only when a task's documents are loaded
     import datasets
 
     root = _path(kwargs, "mmlu_pro_path", "DISTILLSCALE_MMLU_PRO_PATH")
@@ -143,6 +149,7 @@ def load_mmlu_pro(**kwargs):
 
 def load_indomain(**kwargs):
     """A distillscale data folder's test split -> DatasetDict(test), each doc with its classes."""
+    # optional: HF datasets (with lm-eval), only when a task's documents are loaded
     import datasets
 
     root = _path(kwargs, "indomain_path", "DISTILLSCALE_INDOMAIN_PATH")
@@ -164,8 +171,6 @@ def load_indomain(**kwargs):
             rows.append(r)
     tax = kwargs.get("taxonomy") or os.environ.get("DISTILLSCALE_TAXONOMY")
     if tax:
-        from distillscale.domain import load_taxonomy
-
         classes = list(load_taxonomy(tax).labels)
     else:
         classes = sorted({r["label"] for r in rows})

@@ -35,6 +35,7 @@ def indomain_results(doc, results) -> dict:
 
 def macro_f1(items) -> float:
     """Macro F1 over the classes present in labels or predictions (scikit-learn's default)."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
     from sklearn.metrics import f1_score
 
     golds, preds = zip(*items)

@@ -10,50 +10,20 @@ server: NIM, `vllm serve`; completions only, no top-k cache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from distillscale.teacher.backends.base import Completion, TopK, cut_at_stop
+from distillscale.teacher.backends.hf import HFBackend
+from distillscale.teacher.backends.openai_compat import OpenAIBackend
+from distillscale.teacher.backends.vllm import VLLMBackend
 
-import numpy as np
-
-
-@dataclass
-class Completion:
-    text: str
-    n_tokens: int
-    finish: str  # "stop" (eos or a stop string) | "length" (max_tokens reached)
-
-
-@dataclass
-class TopK:
-    """Top-k next-token log-probabilities at every position of one sequence but the last."""
-
-    ids: np.ndarray  # [n, k] int64, by decreasing probability
-    logprobs: np.ndarray  # [n, k] float32 (normalised over the full vocabulary)
-    # Optional: m tokens drawn (with replacement) from the teacher's distribution outside the
-    # top-k, and their log-probabilities: [n, m] each (see logit_cache: sampled tail).
-    tail_ids: np.ndarray | None = None
-    tail_logprobs: np.ndarray | None = None
-
-
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string (excluded), and whether one was found."""
-    hits = [(text.find(s), s) for s in stop if s and s in text]
-    if not hits:
-        return text, False
-    at = min(hits)[0]
-    return text[:at], True
+__all__ = ["Completion", "HFBackend", "OpenAIBackend", "TopK", "VLLMBackend", "cut_at_stop",
+           "make_backend"]
 
 
 def make_backend(kind: str, model_path: str, **options):
     if kind == "hf":
-        from distillscale.teacher.backends.hf import HFBackend
-
         return HFBackend(model_path, **options)
     if kind == "vllm":
-        from distillscale.teacher.backends.vllm import VLLMBackend
-
         return VLLMBackend(model_path, **options)
     if kind == "openai":
-        from distillscale.teacher.backends.openai_compat import OpenAIBackend
-
         return OpenAIBackend(model_path, **options)
     raise ValueError(f"unknown teacher backend {kind!r} (hf, vllm, openai)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distillscale.teacher.backends import Completion, TopK, cut_at_stop
+from distillscale.teacher.backends.base import Completion, TopK, cut_at_stop
 
 
 class HFBackend:
     def __init__(self, model_path: str, batch_size: int = 64, device: str | None = None,
                  dtype: str | None = None, **_ignored):
+        # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

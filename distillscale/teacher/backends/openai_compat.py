@@ -8,12 +8,13 @@ cache needs the `hf` or `vllm` backend.
 
 from __future__ import annotations
 
-from distillscale.teacher.backends import Completion, TopK
+from distillscale.teacher.backends.base import Completion, TopK
 
 
 class OpenAIBackend:
     def __init__(self, model_path: str, base_url: str | None = None, model_name: str | None = None,
                  api_key: str = "EMPTY", timeout_s: float = 60.0, **_ignored):
+        # optional: the openai client (and the teacher's tokenizer), only for this backend
         from openai import OpenAI
         from transformers import AutoTokenizer
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distillscale.teacher.backends import Completion, TopK
+from distillscale.teacher.backends.base import Completion, TopK
 
 
 def sampling_kwargs(max_tokens: int, stop: list[str] | None, temperature: float,
@@ -62,6 +62,7 @@ class VLLMBackend:
                  dtype: str = "bfloat16", gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, seed: int = 0, **_ignored):
         try:
+            # optional: vLLM is a GPU-only install (the `gpu` extra), loaded when the engine is built
             from vllm import LLM
         except ImportError as e:  # pragma: no cover - CPU machines
             raise RuntimeError(f"teacher.supervision.backend=vllm needs vLLM (GPU extra): {e}") from None
@@ -74,6 +75,7 @@ class VLLMBackend:
 
     def complete(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None,
                  temperature: float = 0.0, seed: int = 0) -> list[Completion]:  # pragma: no cover
+        # optional: vLLM is a GPU-only install (the `gpu` extra), loaded when the engine is built
         from vllm import SamplingParams
 
         params = SamplingParams(**sampling_kwargs(max_tokens, stop, temperature, seed))
@@ -84,6 +86,7 @@ class VLLMBackend:
 
     def topk_logprobs(self, sequences: list[list[int]], k: int, tail_samples: int = 0,
                       seed: int = 0) -> list[TopK]:  # pragma: no cover
+        # optional: vLLM is a GPU-only install (the `gpu` extra), loaded when the engine is built
         from vllm import SamplingParams
 
         if tail_samples:

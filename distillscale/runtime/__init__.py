@@ -1,0 +1,1 @@
+"""Process-level runtime: which rank this process is, and when ranks meet."""
