@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -285,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         if not _anticipated(e):
             raise  # a defect in this package: its traceback is what a bug report needs
         if args.verbose:
-            import traceback  # only with --verbose
-
             traceback.print_exc()
         if isinstance(e, ConfigError):  # already `<file or command line>: <key>: <what>`
             print(f"error: {e}", file=sys.stderr)

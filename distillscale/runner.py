@@ -50,6 +50,7 @@ from distillscale.manifest import (
     write_text_atomic,
 )
 from distillscale.models.hf_io import arch_from_hf_config
+from distillscale.models.megatron_gpt import init_distributed
 from distillscale.prune.schedule import Step, plan_schedule
 from distillscale.teacher.stage import resolve_hf_path
 from distillscale.train import preemption
@@ -167,8 +168,6 @@ def _dump(value: Any) -> Any:
 def setup_process(cfg: ExperimentConfig, layout: tuple[int, int] | None = None) -> None:
     """Process groups (once per process) in the stage's parallel layout, the preemption handler,
     a check for a signal that arrived between stages, and the seed."""
-    from distillscale.models.megatron_gpt import init_distributed  # heavy: megatron-core
-
     tp, pp = layout or (cfg.launch.tensor_parallel, cfg.launch.pipeline_parallel)
     check_world_size(cfg, world_size())
     init_distributed(tp, pp, cfg.seed)

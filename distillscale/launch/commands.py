@@ -16,10 +16,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from rich.table import Table
+
+from distillscale.compat.console import stderr_console
 from distillscale.config import FitConfig, load_config
 from distillscale.domain import load_taxonomy
 from distillscale.launch.allocation import KINDS, plan_launch
-from distillscale.launch.sweep import collect_results
+from distillscale.launch.ranks import is_rank_zero
+from distillscale.launch.sweep import collect_results, mark_done, plan_sweep, run_sweep_here
 from distillscale.results_table import fit_or_report_table
 
 STAGE_NAMES = ("data", "teacher", "eval", "fit")
@@ -67,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "stage":
         # heavy: torch and the NVIDIA stack (`launch plan` runs on login nodes without them)
         from distillscale import stages
-        from distillscale.launch.ranks import is_rank_zero
-        from distillscale.launch.sweep import mark_done
         from distillscale.runner import Runner
 
         cfg = load_config(args.config, args.overrides)
@@ -87,11 +89,6 @@ def run(args: argparse.Namespace) -> int:
             run(getattr(stages, args.stage))
         return 0
     if cmd == "sweep":
-        from rich.table import Table
-
-        from distillscale.compat.console import stderr_console
-        from distillscale.launch.sweep import plan_sweep
-
         plan = plan_sweep(args.sweep, args.overrides)
         table = Table(title=f"sweep {plan['root']}")
         for col in ("cell", "upstream", "status"):
@@ -100,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(c["id"], c["upstream"], "done (skipped)" if c["done"] else "pending")
         stderr_console().print(table)
         if args.run_here:
-            from distillscale.launch.sweep import run_sweep_here
-
             run_sweep_here(plan)
             return _fit_sweep(load_config(plan["fit_config"]))
         out = {

@@ -12,9 +12,23 @@ import numpy as np
 from distillscale.config import StudentTarget
 from distillscale.distill.bridge import distill_bridge, select_backend
 from distillscale.distill.export import check_hf_export
+from distillscale.distill.logit_kd import (
+    aligned_vocab,
+    answer_kl,
+    answer_logprobs,
+    distill,
+    load_cached_teacher,
+    mask_token_counts,
+    supervised_kl,
+    supervised_logprobs,
+)
+from distillscale.distill.lora_kd import lora_distill_megatron
+from distillscale.distill.speed import student_speed
 from distillscale.eval.indomain import predict_labels
 from distillscale.manifest import StageOutput
+from distillscale.models.checkpoint import load_model, save_model
 from distillscale.models.hf_io import save_hf
+from distillscale.models.megatron_gpt import count_params
 from distillscale.runner import Context, Stage, student_folders, student_steps
 from distillscale.stages.prune import step_label
 from distillscale.stages.rows import encoder, format_val_rows, load_split, train_rows
@@ -57,20 +71,6 @@ def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> 
 
 
 def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> None:
-    from distillscale.distill.logit_kd import (  # heavy: ModelOpt / megatron-core
-        aligned_vocab,
-        answer_kl,
-        answer_logprobs,
-        distill,
-        load_cached_teacher,
-        mask_token_counts,
-        supervised_kl,
-        supervised_logprobs,
-    )
-    from distillscale.distill.speed import student_speed
-    from distillscale.models.checkpoint import load_model, save_model
-    from distillscale.models.megatron_gpt import count_params
-
     cfg, p = ctx.cfg, ctx.paths
     src, _ = _folders(ctx, student, step)
     label = step_label(ctx, student, step)
@@ -101,8 +101,6 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
         teacher = None  # only its validation log-probs are kept; training never runs it
     ckpt, tb = out.path / "checkpoints" / "last.pt", out.path / "tensorboard"
     if cfg.distill.method == "lora_kd":
-        from distillscale.distill.lora_kd import lora_distill_megatron  # heavy: peft
-
         plain, history, adapters = lora_distill_megatron(
             model, arch, s_vocab, p.teacher / "hf", tok, enc, rows, cfg.distill,
             cfg.seed, ckpt, f"lora_kd {label}", tensorboard_dir=tb, cached=cached,

@@ -12,6 +12,8 @@ import pandas as pd
 from distillscale.eval.general import evaluate_hf_export
 from distillscale.eval.indomain import generate_labels, predict_labels, score_detailed
 from distillscale.manifest import StageOutput
+from distillscale.models.checkpoint import load_model
+from distillscale.models.megatron_gpt import count_params
 from distillscale.runner import Context, Stage, console, student_folders
 from distillscale.stages.rows import encoder, load_split
 
@@ -38,9 +40,6 @@ def _inputs(ctx: Context) -> dict[str, Path]:
 
 
 def _body(ctx: Context, out: StageOutput) -> None:
-    from distillscale.models.checkpoint import load_model  # heavy: megatron-core
-    from distillscale.models.megatron_gpt import count_params
-
     cfg, p = ctx.cfg, ctx.paths
     general_cfg = cfg.eval.general.model_copy(update={
         k: getattr(cfg.eval.general, k).replace("{run_dir}", str(cfg.run_dir))

@@ -10,7 +10,10 @@ import torch
 from distillscale.config import StudentTarget
 from distillscale.distill.export import check_hf_export
 from distillscale.manifest import StageOutput, input_hash, read_manifest
+from distillscale.models.checkpoint import load_model, save_model
 from distillscale.models.hf_io import save_hf
+from distillscale.models.megatron_gpt import count_params, forward_logits
+from distillscale.prune.minitron import prune_minitron
 from distillscale.runner import Context, Stage, student_folders, student_steps
 from distillscale.stages.rows import encoder, load_split
 
@@ -32,10 +35,6 @@ def _source(ctx: Context, student: StudentTarget, step: int) -> Path:
 
 
 def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> None:
-    from distillscale.models.checkpoint import load_model, save_model  # heavy: megatron-core
-    from distillscale.models.megatron_gpt import count_params, forward_logits
-    from distillscale.prune.minitron import prune_minitron  # heavy: ModelOpt
-
     cfg, p = ctx.cfg, ctx.paths
     steps = student_steps(ctx, student)
     plan, src, label = steps[step - 1], _source(ctx, student, step), step_label(ctx, student, step)
