@@ -22,18 +22,11 @@ from distillscale.config import (
     parse_override,
 )
 from distillscale.domain import load_taxonomy
-from distillscale.domain_check import (
-    add_draft_arguments,
-    check_domain,
-    draft_command,
-    format_report,
-)
 from distillscale.launch.commands import add_parser as add_launch_parser
 from distillscale.launch.commands import run as launch_command
 from distillscale.manifest import read_manifest, write_json_atomic
 from distillscale.models.gguf_import import find_gguf, hf_from_gguf
 from distillscale.recipes import available, load, run_recipe, summary
-from distillscale.results_table import fit_or_report_table
 from distillscale.train.preemption import Preempted
 
 STAGE_COMMANDS = ("teacher", "prune", "distill", "eval", "fit", "report")
@@ -139,9 +132,32 @@ def _add_domain_parser(sub) -> None:
                                                       "through the data.llm endpoint"))
 
 
+def add_draft_arguments(p) -> None:
+    """The `domain draft` command line (an argparse parser)."""
+    p.add_argument("classes", type=Path,
+                   help="CSV class list: name, definition[, prior, aliases, examples]; several "
+                        "aliases or examples separated by |")
+    p.add_argument("--task", required=True,
+                   help="one sentence saying what is classified (the taxonomy's `task`)")
+    p.add_argument("--out", type=Path, required=True, help="the taxonomy YAML to write")
+    p.add_argument("--name", help="the domain's name (default: from the class list's file)")
+    p.add_argument("--config", type=Path,
+                   help="an experiment config whose data.llm names the endpoint")
+    p.add_argument("--templates", type=int, default=8, help="templates asked for per class")
+    p.add_argument("--values", type=int, default=24, help="values asked for per slot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*",
+                   help="data.llm.key=value, e.g. data.llm.endpoint=http://host:8000/v1 "
+                        "data.llm.model=NAME")
+
+
+
 def _domain_command(args) -> int:
     """`domain check`: exit 1 on errors (or on warnings with --strict), else 0; `domain
     draft`: 0 once the drafted file is written."""
+    # heavy: pandas / scikit-learn / the data stack, not needed by `launch plan`
+    from distillscale.domain_check import check_domain, draft_command, format_report
+
     if args.domain_command == "draft":
         return draft_command(args)
     report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
@@ -212,6 +228,9 @@ def _table_command(args) -> int:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"command line: fit.{key}: {err['msg']}") from None
+    # heavy: pandas, scipy and matplotlib, not needed by `launch plan` on a login node
+    from distillscale.results_table import fit_or_report_table
+
     args.num_classes = _num_classes(args)
     print(fit_or_report_table(args.command, args.results, args.out, fcfg, args.num_classes,
                               getattr(args, "fits", None)))

@@ -592,29 +592,8 @@ def draft_taxonomy(
     return tax
 
 
-def add_draft_arguments(p) -> None:
-    """The `domain draft` command line (an argparse parser)."""
-    p.add_argument("classes", type=Path,
-                   help="CSV class list: name, definition[, prior, aliases, examples]; several "
-                        "aliases or examples separated by |")
-    p.add_argument("--task", required=True,
-                   help="one sentence saying what is classified (the taxonomy's `task`)")
-    p.add_argument("--out", type=Path, required=True, help="the taxonomy YAML to write")
-    p.add_argument("--name", help="the domain's name (default: from the class list's file)")
-    p.add_argument("--config", type=Path,
-                   help="an experiment config whose data.llm names the endpoint")
-    p.add_argument("--templates", type=int, default=8, help="templates asked for per class")
-    p.add_argument("--values", type=int, default=24, help="values asked for per slot")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*",
-                   help="data.llm.key=value, e.g. data.llm.endpoint=http://host:8000/v1 "
-                        "data.llm.model=NAME")
-
-
 def draft_command(args) -> int:
     """`domain draft`: write the drafted taxonomy, then print its check (no separability)."""
-
-
     fields: dict[str, Any] = {}
     if args.config is not None:
         llm = load_config(args.config).data.llm

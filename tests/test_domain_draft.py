@@ -11,8 +11,8 @@ import pytest
 from distillscale.config import ConfigError, LLMEndpointConfig
 from distillscale.data.generate import generate_headlines
 from distillscale.domain import load_taxonomy
+from distillscale.cli import add_draft_arguments
 from distillscale.domain_check import (
-    add_draft_arguments,
     check_domain,
     clean_template,
     draft_command,

@@ -27,6 +27,10 @@ FUNCTION_ALLOWLIST = {
     ("distillscale/cli.py", "_anticipated"),  # a training error's class (torch)
     ("distillscale/launch/commands.py", "run"),  # `launch stage` runs stages
     ("distillscale/recipes.py", "run_recipe"),  # `distillscale recipes` lists without torch
+    # pandas, scipy, matplotlib and scikit-learn (seconds to import): not on the plan path
+    ("distillscale/cli.py", "_domain_command"),
+    ("distillscale/cli.py", "_table_command"),
+    ("distillscale/launch/commands.py", "_fit_sweep"),
 }
 
 

@@ -24,7 +24,6 @@ from distillscale.domain import load_taxonomy
 from distillscale.launch.allocation import KINDS, plan_launch
 from distillscale.launch.ranks import is_rank_zero
 from distillscale.launch.sweep import collect_results, mark_done, plan_sweep, run_sweep_here
-from distillscale.results_table import fit_or_report_table
 
 STAGE_NAMES = ("data", "teacher", "eval", "fit")
 
@@ -113,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
 def _fit_sweep(cfg) -> int:
     """A sweep's fit job: one results table from every finished cell, then the fit and the
     report on it (what `distillscale fit / report --results` do)."""
+    # heavy: pandas, scipy and matplotlib, not needed by the launch plans this module prints
+    from distillscale.results_table import fit_or_report_table
+
     table = collect_results(cfg.run_dir)
     classes = len(load_taxonomy(cfg.domain.taxonomy).classes)
     fit_dir = cfg.run_dir / "fit"
