@@ -168,6 +168,12 @@ def _top_name(node: ast.Import | ast.ImportFrom) -> str | None:
     return node.names[0].name.split(".")[0]
 
 
+def _says_why(line: str) -> bool:
+    """A comment on the line that is more than a linter directive."""
+    comment = line.partition("#")[2].strip()
+    return bool(comment) and not comment.startswith(("noqa", "type:", "pragma"))
+
+
 def test_function_level_imports_are_commented_third_party():
     """A function-level import is a heavy optional dependency loaded on the path that needs it:
     never the standard library, and a comment on its line, or on the line above the run of
@@ -185,7 +191,7 @@ def test_function_level_imports_are_commented_third_party():
             if top in sys.stdlib_module_names:
                 problems.append(f"{where}: standard library `{top}` belongs at the top")
                 continue
-            own = any("#" in lines[i] for i in range(node.lineno - 1, node.end_lineno))
+            own = any(_says_why(lines[i]) for i in range(node.lineno - 1, node.end_lineno))
             above = run_start > 1 and lines[run_start - 2].lstrip().startswith("#")
             if not (own or above):
                 problems.append(f"{where}: `{top}` needs a comment saying why it is imported here")
