@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from distillscale.config import ConfigError, load_config
+from distillscale.compat.logs import quiet_known_noise
+from distillscale.config import (
+    ConfigError,
+    DataConfig,
+    DomainConfig,
+    ExperimentConfig,
+    FitConfig,
+    load_config,
+    parse_override,
+)
+from distillscale.domain import load_taxonomy
+from distillscale.domain_check import (
+    add_draft_arguments,
+    check_domain,
+    draft_command,
+    format_report,
+)
+from distillscale.launch.commands import add_parser as add_launch_parser
+from distillscale.launch.commands import run as launch_command
+from distillscale.manifest import read_manifest, write_json_atomic
+from distillscale.models.gguf_import import find_gguf, hf_from_gguf
+from distillscale.recipes import available, load, run_recipe, summary
+from distillscale.results_table import fit_or_report_table
 from distillscale.train.preemption import Preempted
 
-STAGES = ("teacher", "prune", "distill", "eval", "fit", "report")
+STAGE_COMMANDS = ("teacher", "prune", "distill", "eval", "fit", "report")
 
 
 def _offline_defaults() -> None:
@@ -38,10 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="show the traceback of an error, and the stack's known harmless "
                          "warnings (distillscale/compat/logs.py)")
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a whole experiment (every stage, resumable)")
+    r = sub.add_parser("run", help="run a whole experiment: its recipe's stages, resumable")
     r.add_argument("config", type=Path)
     r.add_argument("overrides", nargs="*", help="key.sub=value")
-    for stage in STAGES:
+    r.add_argument("--recipe", help="run this recipe instead of the config's `recipe:` "
+                                    "(a name from `distillscale recipes`, or a .py file)")
+    sub.add_parser("recipes", help="list the recipes (recipes/*.py), one line each")
+    for stage in STAGE_COMMANDS:
         s = sub.add_parser(stage, help=f"run the {stage} stage of an experiment")
         # fit / report also work on any results table without an experiment config.
         s.add_argument("config", type=Path, nargs="?" if stage in ("fit", "report") else None)
@@ -87,14 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="the HF checkpoint folder to write")
     g.add_argument("--force", action="store_true", help="rewrite an existing folder")
     _add_domain_parser(sub)
-    from distillscale.launch.commands import add_parser as add_launch_parser
-
     add_launch_parser(sub)
     return ap
 
 
 def _add_domain_parser(sub) -> None:
-    dom = sub.add_parser("domain", help="check a taxonomy file before building anything")
+    dom = sub.add_parser("domain", help="check or draft a taxonomy file before building anything")
     dsub = dom.add_subparsers(dest="domain_command", required=True)
     c = dsub.add_parser("check", help="schema errors, warnings, sample headlines and how "
                                       "separable the task is (seconds; no Ray, no embeddings)")
@@ -110,13 +134,15 @@ def _add_domain_parser(sub) -> None:
     c.add_argument("--label-column", default="label")
     c.add_argument("--json", type=Path, help="also write the report as JSON here")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    add_draft_arguments(dsub.add_parser("draft", help="draft a taxonomy from a CSV class list "
+                                                      "through the data.llm endpoint"))
 
 
 def _domain_command(args) -> int:
-    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0."""
-    from distillscale.domain_check import check_domain, format_report
-    from distillscale.manifest import write_json_atomic
-
+    """`domain check`: exit 1 on errors (or on warnings with --strict), else 0; `domain
+    draft`: 0 once the drafted file is written."""
+    if args.domain_command == "draft":
+        return draft_command(args)
     report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
                           separability_check=not args.no_separability, data=args.data,
                           text_column=args.text_column, label_column=args.label_column)
@@ -127,11 +153,6 @@ def _domain_command(args) -> int:
 
 
 def _data_command(args) -> int:
-    from distillscale.config import DataConfig, parse_override
-    from distillscale.data.build import build_dataset
-    from distillscale.domain import load_taxonomy
-    from distillscale.manifest import atomic_stage
-
     fields: dict = {}
     for text in getattr(args, "overrides", []) or []:
         keys, value = parse_override(text)
@@ -145,35 +166,32 @@ def _data_command(args) -> int:
         for key in ("text_column", "label_column"):
             if getattr(args, key):
                 fields[key] = getattr(args, key)
-        inputs = {"taxonomy": args.domain, "source": args.input}
     else:
         # `data build` runs the data recipe unless `generator=templates` is asked for.
         fields.setdefault("generator", "designer")
         fields.update(num_examples=args.rows)
-        inputs = {"taxonomy": args.domain}
     try:
         dcfg = DataConfig(**fields)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"command line: data.{key}: {err['msg']}") from None
-    taxonomy = load_taxonomy(args.domain)
-    h = f"{dcfg.model_dump_json()}:{args.seed}"
-    with atomic_stage(args.out, "data", h, inputs) as out:
-        out.metrics.update(build_dataset(
-            out.path, taxonomy, dcfg, seed=args.seed,
-        ))
-        out.extra.update({k: out.metrics[k] for k in ("rows_in", "rows_kept", "rows_rejected")})
-        m = out.metrics
+    # The data stage through the runner, into --out instead of a run folder (a config of the
+    # data stage's own sections; nothing else of an experiment is needed).
+    # heavy: torch (the stage modules), not needed by `launch plan` on a login node
+    from distillscale.runner import Runner
+    from distillscale.stages import data as data_stage
+
+    cfg = ExperimentConfig.model_construct(name="data", domain=DomainConfig(
+        taxonomy=str(args.domain)), data=dcfg, seed=args.seed)
+    out = Runner(cfg)(data_stage, folder=args.out)
+    m = read_manifest(out)["metrics"]
     print(f"in={m['rows_in']} kept={m['rows_kept']} rejected={m['rows_rejected']} -> {args.out}")
     return 0
 
 
 def _table_command(args) -> int:
     """`fit` / `report` on a results table: `--results R --out DIR` (no experiment config)."""
-    from distillscale.config import FitConfig, parse_override
-    from distillscale.fit import ResultsTableError, read_results
-
     if args.results is None or args.out is None:
         raise ConfigError(f"command line: {args.command} needs CONFIG, or --results and --out")
     fits_dir = getattr(args, "fits", None)
@@ -193,37 +211,9 @@ def _table_command(args) -> int:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"command line: fit.{key}: {err['msg']}") from None
-    try:
-        long = read_results(args.results)
-    except ResultsTableError as e:
-        raise ConfigError(str(e)) from None
     args.num_classes = _num_classes(args)
-    from collections import Counter
-
-    from distillscale.fit.screen import screen_results
-
-    kept, set_aside = screen_results(long)
-    if set_aside:
-        why = Counter(r["reason"].split(":")[0].split(" = ")[0] for r in set_aside)
-        print(f"{args.results}: {len(set_aside)} row(s) or metric(s) set aside before fitting ("
-              + "; ".join(f"{k}: {n}" for k, n in why.most_common(3)) + ")", file=sys.stderr)
-    if kept.empty:
-        first = set_aside[0]["reason"] if set_aside else "the table is empty"
-        raise ConfigError(f"{args.results}: no rows left to fit after setting aside "
-                          f"{len(set_aside)} (first: {first})")
-    if args.command == "report":
-        long = kept
-    if args.command == "fit":
-        from distillscale.fit import fit_results
-
-        fits = fit_results(long, args.out, fcfg, args.num_classes, source=str(args.results))
-        print(f"{len(fits)} fits -> {args.out / 'fits.json'}, {args.out / 'fits.md'}")
-    else:
-        from distillscale.report import build_report
-
-        path = build_report(long, args.out, fits_dir=args.fits, num_classes=args.num_classes,
-                            title=args.results.stem)
-        print(f"report -> {path}, {path.with_suffix('.html')}")
+    print(fit_or_report_table(args.command, args.results, args.out, fcfg, args.num_classes,
+                              getattr(args, "fits", None)))
     return 0
 
 
@@ -241,10 +231,16 @@ def _split_table_positional(args) -> None:
                           f"(got {text} and --results {args.results})")
 
 
+def _recipes_command() -> int:
+    for name in available():
+        module = load(name)
+        needs = ", ".join(f"{k} in {list(v)}" for k, v in getattr(module, "REQUIRES", {}).items())
+        print(f"{name:16s} {summary(module)}" + (f" [{needs}]" if needs else ""))
+    return 0
+
+
 def _one_line(e: BaseException) -> str:
     """An anticipated error as one line: the file, key or stage it concerns and what went wrong."""
-    import errno
-
     if isinstance(e, OSError) and e.strerror:  # built from an errno: name the file
         where = f"{e.filename}: " if e.filename else ""
         hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
@@ -261,12 +257,10 @@ def _num_classes(args) -> int:
     if args.num_classes is not None:
         return args.num_classes
     if args.domain is not None:
-        from distillscale.domain import load_taxonomy
-
         return len(load_taxonomy(args.domain).classes)
     per_class = args.results.parent / "per_class_f1.csv"
     if per_class.is_file():
-        import pandas as pd
+        import pandas as pd  # heavy: only for a results table's class count
 
         return int(pd.read_csv(per_class, usecols=["label"])["label"].nunique())
     raise ConfigError(f"command line: {args.command} --results {args.results}: the number of "
@@ -278,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = _parser().parse_args(argv)
     if not args.verbose:
-        from distillscale.compat.logs import quiet_known_noise
-
         quiet_known_noise()
     where = args.command + (f" {args.data_command}" if args.command == "data" else "")
     try:
@@ -293,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _anticipated(e):
             raise  # a defect in this package: its traceback is what a bug report needs
         if args.verbose:
-            import traceback
+            import traceback  # only with --verbose
 
             traceback.print_exc()
         if isinstance(e, ConfigError):  # already `<file or command line>: <key>: <what>`
@@ -308,7 +300,7 @@ def _anticipated(e: BaseException) -> bool:
     run, a missing GPU stack), as opposed to a defect: every OSError / ValueError /
     MemoryError, and a RuntimeError that this package raised with its own message or that
     torch's checkpoint writer raised on a failed write."""
-    from distillscale.train.loop import NonFiniteLossError
+    from distillscale.train.loop import NonFiniteLossError  # heavy: torch (login nodes lack it)
 
     if not isinstance(e, RuntimeError):
         return True
@@ -328,33 +320,49 @@ def _dispatch(args) -> int:
         return _data_command(args)
     if args.command == "domain":
         return _domain_command(args)
+    if args.command == "recipes":
+        return _recipes_command()
     if args.command == "models":
-        from distillscale.models.gguf_import import find_gguf, hf_from_gguf
-
         out = hf_from_gguf(find_gguf(args.file, args.package), args.out, args.force)
         print(f"HF checkpoint -> {out} (teacher.hf_path={out})")
         return 0
     if args.command == "launch":
-        from distillscale.launch.commands import run as launch_command
-
         return launch_command(args)
     if args.command in ("fit", "report") and (args.results or args.config is None):
         return _table_command(args)
     cfg = load_config(args.config, args.overrides)
-    from distillscale import pipeline
+    # heavy: torch and the NVIDIA stack, not needed by `launch plan` on a login node
+    from distillscale import stages
+    from distillscale.runner import Runner
 
     if args.command == "run":
-        pipeline.run_all(cfg)
-    elif args.command in ("prune", "distill"):
+        run_recipe(cfg, args.recipe)
+        return 0
+    run = Runner(cfg)
+    if args.command in ("prune", "distill"):
         students = [s for s in cfg.students if args.student in (None, s.name)]
         if not students:
             raise ConfigError(f"{args.config}: students: no student named {args.student!r}")
-        fn = pipeline.run_prune if args.command == "prune" else pipeline.run_distill
-        for s in students:
-            fn(cfg, s)
+        for s in students:  # every step of the schedule up to this stage of the last one
+            steps = run.schedule(s)
+            for step in steps:
+                run(stages.prune, student=s, step=step.index)
+                if args.command == "distill" or step is not steps[-1]:
+                    run(stages.distill, student=s, step=step.index)
+    elif args.command == "teacher":
+        run(stages.teacher)
+        run(stages.supervision)
     else:
-        getattr(pipeline, f"run_{args.command}")(cfg)
+        run({"eval": stages.evaluate}.get(args.command) or getattr(stages, args.command))
     return 0
+
+
+def recipe_script(file: str, argv: list[str]) -> int:
+    """`python recipes/<name>.py CONFIG [key=value ...]`: that recipe on CONFIG."""
+    if not argv or argv[0].startswith("-"):
+        print(f"usage: python {file} CONFIG [key.sub=value ...]", file=sys.stderr)
+        return 2
+    return main(["run", "--recipe", str(Path(file).resolve()), argv[0], *argv[1:]])
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def _folder_name(value: str) -> str:
 
 class DomainConfig(Strict):
     # Path of the taxonomy file (classes, definitions, aliases, priors, generator templates).
-    taxonomy: str = "conf/domains/finance.yaml"
+    # Required: no domain is built in, so every experiment names the one it is about (the
+    # class count, prompts and data all follow from it).
+    taxonomy: str
 
 
 class LLMEndpointConfig(Strict):
@@ -505,9 +507,12 @@ class LaunchConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # The recipe that runs this experiment (`distillscale recipes` lists them): a name in
+    # recipes/, or a path to your own .py file with a main(run).
+    recipe: str = "prune_distill"
     seed: int = 0
     output_dir: str | None = None  # default: runs/<name>
-    domain: DomainConfig = DomainConfig()
+    domain: DomainConfig
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
     students: list[StudentTarget] = []

@@ -17,17 +17,27 @@ Three parts, none of which starts Ray or loads an embedding model:
 
 from __future__ import annotations
 
+import csv
+import os
+import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
+from distillscale.config import ConfigError, LLMEndpointConfig, load_config, parse_override
 from distillscale.data.dedup import char_shingles, normalize
 from distillscale.data.generate import generate_headlines
 from distillscale.data.io import read_table_rows
+from distillscale.data.serve import llm_endpoint
 from distillscale.domain import (
     SLOT,
+    SNAKE,
     STRAY_BRACE,
     Taxonomy,
     key_lines,
@@ -35,6 +45,7 @@ from distillscale.domain import (
     taxonomy_errors,
 )
 from distillscale.knowledge.general import country_name
+from distillscale.manifest import write_text_atomic
 
 # Fewer phrasings than this per class and the offline generators repeat one structure.
 MIN_TEMPLATES = 4
@@ -180,16 +191,47 @@ def sample_headlines(rows: list[dict], labels: list[str],
     return out
 
 
+def bag_of_words_model():
+    """TF-IDF (word 1-2-grams) + logistic regression, the baseline every figure here uses."""
+    # heavy: scikit-learn (about a second to import), only where it fits or scores
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    # saga reaches the lbfgs solution's F1 here (0.991 on 2,000 rows of a shipped domain) in
+    # a twelfth of the time; a mild penalty (C=10) lets the baseline use rare but decisive n-grams.
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                         LogisticRegression(solver="saga", C=10.0, max_iter=100, tol=1e-3))
+
+
+def heldout_baseline(train: list[dict], test: list[dict], *, max_train: int = 20_000,
+                     seed: int = 0) -> dict | None:
+    """The bag-of-words baseline fitted on a data set's train split (at most `max_train` rows,
+    a seeded sample) and scored on its test split: the figure to hold next to the teacher's
+    in-domain scores on the same split. None when either split is too small to say."""
+    from sklearn.metrics import accuracy_score, f1_score  # heavy: scikit-learn
+
+    if len({r["label"] for r in train}) < 2 or not test:
+        return None
+    if len(train) > max_train:
+        pick = np.random.default_rng(seed).choice(len(train), max_train, replace=False)
+        train = [train[i] for i in sorted(pick)]
+    model = bag_of_words_model().fit([r["text"] for r in train], [r["label"] for r in train])
+    pred = model.predict([r["text"] for r in test])
+    gold = [r["label"] for r in test]
+    return {"train_rows": len(train), "test_rows": len(test),
+            "macro_f1": float(f1_score(gold, pred, average="macro")),
+            "accuracy": float(accuracy_score(gold, pred))}
+
+
 def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: int = 0,
                  source: str = "templates", top_pairs: int = 5,
                  top_ngrams: int = 3) -> Separability:
     """Cross-validated TF-IDF + logistic regression, confusions and giveaway n-grams."""
     # heavy: scikit-learn (about a second to import), only where it fits or scores
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
 
     # Exact duplicates would sit on both sides of a fold and flatter the baseline.
     keep: dict[str, int] = {}
@@ -204,10 +246,7 @@ def separability(texts: list[str], labels: list[str], *, folds: int = 5, seed: i
     classes = sorted(set(y.tolist()))
     if len(classes) < 2:
         raise ValueError(f"separability needs two classes with at least {folds} distinct rows")
-    # saga reaches the lbfgs solution's F1 here (0.991 on finance, 2,000 rows) in a twelfth
-    # of the time; a mild penalty (C=10) lets the baseline use rare but decisive n-grams.
-    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                          LogisticRegression(solver="saga", C=10.0, max_iter=100, tol=1e-3))
+    model = bag_of_words_model()
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     pred = cross_val_predict(model, texts, y, cv=cv, n_jobs=1)
     cm = confusion_matrix(y, pred, labels=classes)
@@ -318,8 +357,8 @@ def format_report(report: CheckReport) -> str:
     sep = report.separability
     if sep is not None:
         out += ["", f"separability ({sep.source}; {sep.rows:,} distinct rows, {sep.folds}-fold):",
-                f"  TF-IDF + logistic regression: macro F1 {sep.macro_f1:.3f}, "
-                f"accuracy {sep.accuracy:.3f}",
+                (f"  TF-IDF + logistic regression: macro F1 {sep.macro_f1:.3f}, "
+                 f"accuracy {sep.accuracy:.3f}"),
                 f"  rows holding a giveaway n-gram of their own class: {sep.giveaway_share:.1%}"]
         if sep.confusable:
             out.append("  most confused pairs (share of both classes' rows):")
@@ -334,3 +373,271 @@ def format_report(report: CheckReport) -> str:
     verdict = "FAILED" if report.errors else "ok"
     out += ["", f"{verdict}: {len(report.errors)} error(s), {len(report.warnings)} warning(s)"]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# `distillscale domain draft CLASSES.csv`: a first taxonomy from class definitions
+# ---------------------------------------------------------------------------------------------
+
+# A class list's columns: `name` and `definition` are required; `prior` (percent; missing:
+# equal shares), `aliases` and `examples` (several values separated by `|`) are optional.
+DRAFT_COLUMNS = ("name", "definition", "prior", "aliases", "examples")
+# One template or value per reply line; bullets, numbering and quotes are dropped.
+_LINE_MARK = re.compile(r'^\s*(?:[-*•]+|\(?\d{1,3}[.):])\s*')
+_EDGE_QUOTES = re.compile(r'^[\s"\'“”‘’`]+|[\s"\'“”‘’`]+$')
+_PLACEHOLDER = re.compile(r"\{([^{}]{1,40})\}")
+# A drafting reply holds several lines: the per-headline `data.llm.max_tokens` is too short.
+DRAFT_MAX_TOKENS = 1024
+
+
+@dataclass
+class DraftClass:
+    name: str
+    definition: str
+    prior: float | None
+    aliases: list[str]
+    examples: list[str]
+
+
+def read_class_list(path: str | Path) -> list[DraftClass]:
+    """The classes of a CSV class list; a bad row is a one-line error naming file and line."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: class list not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [norm_label(h) for h in reader.fieldnames or []]
+        missing = [c for c in ("name", "definition") if c not in header]
+        if missing:
+            raise ConfigError(f"{path}:1: the class list needs columns name and definition "
+                              f"(missing: {', '.join(missing)}; found: {reader.fieldnames})")
+        reader.fieldnames = header
+        out: list[DraftClass] = []
+        seen: dict[str, int] = {}
+        for row in reader:
+            line = reader.line_num
+            get = {k: (v or "").strip() for k, v in row.items() if k is not None}
+            name = norm_label(get.get("name", ""))
+            if not name:
+                raise ConfigError(f"{path}:{line}: name: empty class name")
+            if not SNAKE.match(name):
+                raise ConfigError(f"{path}:{line}: name: {get['name']!r} does not make a class "
+                                  "name (letters first, then letters, digits, underscores)")
+            if name in seen:
+                raise ConfigError(f"{path}:{line}: name: class {name!r} is also on line "
+                                  f"{seen[name]}")
+            seen[name] = line
+            definition = get.get("definition", "")
+            if len(definition) < 3:
+                raise ConfigError(f"{path}:{line}: definition: class {name} needs a definition")
+            prior = None
+            if get.get("prior"):
+                try:
+                    prior = float(get["prior"].rstrip("%"))
+                except ValueError:
+                    raise ConfigError(f"{path}:{line}: prior: {get['prior']!r} is not a "
+                                      "number (percent)") from None
+                if prior <= 0:
+                    raise ConfigError(f"{path}:{line}: prior: must be above 0 (got {prior})")
+            split = [s.strip() for s in get.get("examples", "").split("|")]
+            aliases = [s.strip() for s in get.get("aliases", "").split("|") if s.strip()]
+            out.append(DraftClass(name, definition, prior, aliases, [s for s in split if s]))
+    if len(out) < 2:
+        raise ConfigError(f"{path}: a class list needs at least two classes (found {len(out)})")
+    given = [c.prior for c in out if c.prior is not None]
+    if given and len(given) < len(out):
+        raise ConfigError(f"{path}: prior: give a prior for every class or for none")
+    return out
+
+
+def draft_system_prompt(task: str, classes: list[DraftClass]) -> str:
+    listed = "; ".join(f"{c.name}: {c.definition}" for c in classes)
+    return (f"You help write a labelled data set for a text classifier. The task: {task} "
+            f"The classes: {listed}. Follow the requested reply format exactly.")
+
+
+def draft_template_prompt(c: DraftClass, others: list[DraftClass], n: int) -> str:
+    examples = "\n".join(f"- {e}" for e in c.examples) or "- (none given)"
+    near = ", ".join(o.name for o in others)
+    return (f"Class: {c.name} ({c.definition}).\n"
+            f"Example texts of this class:\n{examples}\n"
+            f"Write {n} different templates of texts of this class, one per line. In each, "
+            "replace names, organisations, places, products and numbers with placeholders in "
+            "braces written in snake_case, e.g. {company}, {country}, {amount}; reuse the "
+            "same placeholder names across templates. Vary the structure. Use wording that "
+            f"texts of the other classes ({near}) could share: the class must follow from "
+            "what happened, not from one giveaway word. Reply with the templates only, one per "
+            "line.")
+
+
+def draft_slot_prompt(slot: str, uses: list[str], n: int) -> str:
+    shown = "\n".join(f"- {t}" for t in uses[:4])
+    return (f"Placeholder: {{{slot}}}\nIt is used in templates like:\n{shown}\n"
+            f"Write {n} different realistic values for {{{slot}}}, one per line, exactly as "
+            "they would appear in the text. Reply with the values only, one per line.")
+
+
+def _reply_lines(text: str) -> list[str]:
+    out = []
+    for line in (text or "").splitlines():
+        line = _EDGE_QUOTES.sub("", _LINE_MARK.sub("", _EDGE_QUOTES.sub("", line)))
+        if line:
+            out.append(line)
+    return out
+
+
+def clean_template(line: str) -> str | None:
+    """A reply line as a template: placeholders folded to snake_case slot names; None for a
+    preamble ("Here are the templates:"), a line without a placeholder (it would generate
+    one text, over and over) or one that would leave a stray brace in the generated text."""
+    if line.endswith(":"):
+        return None
+    fixed = _PLACEHOLDER.sub(lambda m: "{" + norm_label(m.group(1)) + "}", line)
+    names = SLOT.findall(fixed)
+    if not names or any(not SNAKE.match(s) for s in names):
+        return None
+    return None if STRAY_BRACE.search(SLOT.sub("", fixed)) else fixed
+
+
+def draft_taxonomy(
+    class_list: str | Path,
+    out: str | Path,
+    *,
+    task: str,
+    llm,
+    name: str | None = None,
+    templates_per_class: int = 8,
+    values_per_slot: int = 24,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+) -> Taxonomy:
+    """Draft a taxonomy from a class list through an OpenAI-compatible endpoint and write it.
+
+    `llm` is a `data.llm` section (`LLMEndpointConfig`): an endpoint URL, or `serve` to start
+    the server for the draft. Every prompt is built from `task` and the classes' definitions
+    and examples: one request per class for its templates, then one per placeholder the
+    templates use for its values. A list slot whose values are all countries becomes the
+    `knowledge_slot`. The file is validated like any taxonomy before it is written
+    (atomically); `domain check` on it shows what the draft still needs.
+    """
+
+    from openai import OpenAI  # heavy/optional: the openai client, only for drafting
+
+
+    classes = read_class_list(class_list)
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else out.parent / f".{out.stem}.draft"
+    system = draft_system_prompt(task, classes)
+    api_key = (os.environ.get(llm.api_key_env, "") if llm.api_key_env else "") or "none"
+
+    with llm_endpoint(llm, work) as url:
+        client = OpenAI(base_url=url, api_key=api_key, timeout=llm.timeout_s, max_retries=2)
+
+        def ask(prompt: str) -> str:
+            r = client.chat.completions.create(
+                model=llm.model, temperature=llm.temperature, top_p=llm.top_p, seed=seed,
+                max_tokens=max(llm.max_tokens, DRAFT_MAX_TOKENS),
+                messages=[{"role": "system", "content": system},
+                          {"role": "user", "content": prompt}])
+            return r.choices[0].message.content or ""
+
+        with ThreadPoolExecutor(max_workers=llm.max_parallel_requests) as pool:
+            replies = list(pool.map(ask, [
+                draft_template_prompt(c, [o for o in classes if o is not c], templates_per_class)
+                for c in classes]))
+            templates: dict[str, list[str]] = {}
+            for c, reply in zip(classes, replies):
+                kept = [t for t in map(clean_template, _reply_lines(reply)) if t]
+                kept = list(dict.fromkeys(kept))[:templates_per_class]
+                if not kept:
+                    raise RuntimeError(f"domain draft: class {c.name}: the model's reply held "
+                                       f"no usable template: {reply[:200]!r}")
+                templates[c.name] = kept
+            uses: dict[str, list[str]] = {}
+            for ts in templates.values():
+                for t in ts:
+                    for s in dict.fromkeys(SLOT.findall(t)):
+                        uses.setdefault(s, []).append(t)
+            slots = sorted(uses)
+            replies = list(pool.map(ask, [draft_slot_prompt(s, uses[s], values_per_slot)
+                                          for s in slots]))
+    values: dict[str, list[str]] = {}
+    for s, reply in zip(slots, replies):
+        vals = [v for v in _reply_lines(reply) if not STRAY_BRACE.search(v)]
+        vals = list(dict.fromkeys(vals))[:values_per_slot]
+        if not vals:
+            raise RuntimeError(f"domain draft: slot {s}: the model's reply held no value: "
+                               f"{reply[:200]!r}")
+        values[s] = vals
+
+    countries = [s for s in slots if all(country_name(v) for v in values[s])]
+    equal = 100.0 / len(classes)
+    tree: dict[str, Any] = {
+        "name": name or norm_label(Path(class_list).stem) or "domain",
+        "task": task,
+        "classes": [{"name": c.name, "definition": c.definition, "aliases": c.aliases,
+                     "prior": round(c.prior if c.prior is not None else equal, 2),
+                     "templates": templates[c.name]} for c in classes],
+        "slots": {s: values[s] for s in slots},
+    }
+    if countries:
+        tree["knowledge_slot"] = max(countries, key=lambda s: len(values[s]))
+    tax = Taxonomy.model_validate(tree)
+    header = (f"# Drafted by `distillscale domain draft {class_list}` with {llm.model}.\n"
+              f"# Review it: `distillscale domain check {out}` shows errors, warnings, sample\n"
+              "# texts and how separable the classes are.\n")
+    write_text_atomic(out, header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True,
+                                                   width=100))
+    return tax
+
+
+def add_draft_arguments(p) -> None:
+    """The `domain draft` command line (an argparse parser)."""
+    p.add_argument("classes", type=Path,
+                   help="CSV class list: name, definition[, prior, aliases, examples]; several "
+                        "aliases or examples separated by |")
+    p.add_argument("--task", required=True,
+                   help="one sentence saying what is classified (the taxonomy's `task`)")
+    p.add_argument("--out", type=Path, required=True, help="the taxonomy YAML to write")
+    p.add_argument("--name", help="the domain's name (default: from the class list's file)")
+    p.add_argument("--config", type=Path,
+                   help="an experiment config whose data.llm names the endpoint")
+    p.add_argument("--templates", type=int, default=8, help="templates asked for per class")
+    p.add_argument("--values", type=int, default=24, help="values asked for per slot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*",
+                   help="data.llm.key=value, e.g. data.llm.endpoint=http://host:8000/v1 "
+                        "data.llm.model=NAME")
+
+
+def draft_command(args) -> int:
+    """`domain draft`: write the drafted taxonomy, then print its check (no separability)."""
+
+
+    fields: dict[str, Any] = {}
+    if args.config is not None:
+        llm = load_config(args.config).data.llm
+        fields = llm.model_dump() if llm is not None else {}
+    for text in args.overrides or []:
+        keys, value = parse_override(text)
+        if keys[:2] != ["data", "llm"] or len(keys) != 3:
+            raise ConfigError(f"command line: {text!r}: domain draft takes data.llm.KEY=VALUE "
+                              "settings only")
+        fields[keys[2]] = value
+    for flag in ("templates", "values"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"command line: --{flag} must be at least 1")
+    try:
+        llm = LLMEndpointConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"command line: data.llm.{key}: {err['msg']} (give the endpoint "
+                          "with --config or data.llm.endpoint=URL data.llm.model=NAME)") from None
+    tax = draft_taxonomy(args.classes, args.out, task=args.task, llm=llm, name=args.name,
+                         templates_per_class=args.templates, values_per_slot=args.values,
+                         seed=args.seed)
+    print(f"drafted {len(tax.classes)} classes, {len(tax.slots)} slots -> {args.out}")
+    print(format_report(check_domain(args.out, separability_check=False)))
+    return 0

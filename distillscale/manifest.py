@@ -200,6 +200,7 @@ class StageOutput:
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""  # the stage's identity (results tables carry it)
 
 
 @contextlib.contextmanager
@@ -227,7 +228,7 @@ def atomic_stage(
                                        "inputs": hashes})
     if sync:
         ranks.barrier()  # no rank writes into an unfinished folder rank 0 is setting aside
-    out = StageOutput(tmp if writer else tmp / f".rank{ranks.rank()}")
+    out = StageOutput(tmp if writer else tmp / f".rank{ranks.rank()}", config_hash=config_hash)
     out.path.mkdir(parents=True, exist_ok=True)
     start = time.time()
     yield out

@@ -31,7 +31,6 @@ import pandas as pd
 from distillscale.fit.findings import findings, findings_markdown
 from distillscale.fit.table import (
     CONDITIONS,
-    DEFAULT_NUM_CLASSES,
     chance_floor,
     is_general,
     normalize_results,
@@ -323,7 +322,7 @@ def _n(v) -> str:
 
 def build_report(
     long: pd.DataFrame, out_dir: str | Path, fits_dir: str | Path | None = None,
-    num_classes: int = DEFAULT_NUM_CLASSES, title: str = "distillscale",
+    num_classes: int | None = None, title: str = "distillscale",
     intro: str = "", extra: dict | None = None,
 ) -> Path:
     """Write `report.md`, `report.html` and `plots/` into `out_dir`; returns report.md."""

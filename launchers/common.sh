@@ -16,7 +16,8 @@ DS_REQUEUE_EXIT_CODE=75  # distillscale/train/preemption.py REQUEUE_EXIT_CODE (E
 ds_task_cmd() {
   local kind="$1" py="$2"
   case "${kind}" in
-    prune_distill) DS_TASK_CMD=("${py}" recipes/prune_distill.py) ;;
+    # The config's recipe (`recipe:`, default prune_distill), as `distillscale run` runs it.
+    prune_distill) DS_TASK_CMD=("${py}" -m distillscale.cli run) ;;
     data|teacher|eval|fit) DS_TASK_CMD=("${py}" -m distillscale.cli launch stage "${kind}") ;;
     *) ds_die "unknown kind ${kind} (prune_distill, data, teacher, eval, fit)" ;;
   esac

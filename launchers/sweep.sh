@@ -4,7 +4,7 @@
 #   data[u] -> teacher[u] (aftercorr) -> prune_distill[c] (afterok) -> eval[c] (aftercorr) -> fit
 # u runs over the distinct data + teacher setups, c over the cells still to do: cells whose
 # results exist for the same config are skipped, and so are finished data / teacher setups.
-#   bash launchers/sweep.sh --sweep conf/sweeps/finheadline_grid.yaml [--dry-run] [key=value ...]
+#   bash launchers/sweep.sh --sweep conf/sweeps/quickstart_grid.yaml [--dry-run] [key=value ...]
 #   bash launchers/sweep.sh --sweep ... --local          (the same chain, in turn, on this machine)
 # --nodes / --gpus-per-node size the prune_distill jobs; --partition, --account, --time,
 # --image and --mount go to every job. --dry-run writes the plan (cell configs and lists under

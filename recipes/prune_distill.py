@@ -1,36 +1,29 @@
-"""Recipe: teacher -> Minitron-pruned students -> distillation -> evaluation -> report.
+"""Minitron pruning of the teacher into each student, distilled after every prune step (one-shot or iterative)."""
 
-    python recipes/prune_distill.py conf/experiments/quickstart.yaml [key.sub=value ...]
-
-Reads top to bottom like the method: every step is one library call on paths under
-`runs/<name>/`, and each is skipped when its manifest says it is already done.
-"""
+# The default recipe: `distillscale run CONFIG` or `python recipes/prune_distill.py CONFIG`.
+# It reads like the method: every line is one stage, skipped when its manifest says it is done.
 
 import sys
 
-from distillscale import pipeline
-from distillscale.cli import _offline_defaults
-from distillscale.config import ConfigError, load_config
+from distillscale import stages
+from distillscale.cli import recipe_script
+
+VERIFIED = ["conf/experiments/quickstart.yaml", "conf/experiments/uniform_schedule.yaml",
+            "conf/experiments/smollm2_cpu.yaml"]
 
 
-def main(argv: list[str]) -> int:
-    _offline_defaults()
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except (ConfigError, IndexError) as e:
-        print(f"error: {e or 'usage: prune_distill.py CONFIG [key=value ...]'}", file=sys.stderr)
-        return 2
-    pipeline.run_data(cfg)                      # in-domain headlines, stratified splits
-    pipeline.run_teacher(cfg)                   # the teacher (trained tiny, or loaded)
-    for student in cfg.students:                # prune.schedule: one_shot | uniform | decayed
-        for step, _pruned, _distilled in pipeline.student_folders(cfg, student):
-            pipeline.run_prune(cfg, student, step)    # ModelOpt Minitron: width or depth
-            pipeline.run_distill(cfg, student, step)  # logit_kd (ModelOpt) or lora_kd (peft)
-    pipeline.run_eval(cfg)                      # macro F1 / accuracy with bootstrap CIs
-    pipeline.run_fit(cfg)                       # metric vs compression ratio
-    pipeline.run_report(cfg)                    # results.csv, report.md, plots/
-    return 0
+def main(run):
+    run(stages.data)                        # in-domain rows from the taxonomy, stratified splits
+    run(stages.teacher)                     # the teacher: trained from scratch, or an HF checkpoint
+    run(stages.supervision)                 # its labels, traces per depth, top-k logit caches
+    for student in run.cfg.students:
+        for step in run.schedule(student):  # prune.schedule: one_shot | uniform | decayed
+            run(stages.prune, student=student, step=step.index)    # ModelOpt Minitron, width or depth
+            run(stages.distill, student=student, step=step.index)  # logit_kd or lora_kd
+    run(stages.evaluate)                    # in-domain F1 / accuracy, general knowledge, with CIs
+    run(stages.fit)                         # metric vs compression ratio, per pruning axis
+    run(stages.report)                      # results.csv, report.md, plots/
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(recipe_script(__file__, sys.argv[1:]))

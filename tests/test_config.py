@@ -16,6 +16,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 BASE = """
 name: t
+domain: {taxonomy: conf/domains/cyber.yaml}
 teacher:
   arch: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 128, num_attention_heads: 4,
          num_query_groups: 2}
@@ -43,6 +44,15 @@ def test_unknown_key_names_file_and_key(tmp_path):
     msg = str(e.value)
     assert "bad.yaml" in msg and "distill.temprature" in msg and "unknown key" in msg
     assert "\n" not in msg
+
+
+def test_an_experiment_must_name_its_domain(tmp_path):
+    p = write(tmp_path, "nodomain.yaml", BASE.replace("domain: {taxonomy: conf/domains/cyber.yaml}\n", ""))
+    with pytest.raises(ConfigError, match=r"nodomain\.yaml: domain: required key is missing"):
+        load_config(p)
+    p = write(tmp_path, "empty.yaml", BASE.replace("{taxonomy: conf/domains/cyber.yaml}", "{}"))
+    with pytest.raises(ConfigError, match=r"domain\.taxonomy: required key is missing"):
+        load_config(p)
 
 
 def test_wrong_type_from_command_line(tmp_path):
@@ -76,7 +86,8 @@ def test_impossible_values_rejected(tmp_path, extra, key, text):
 def test_heads_not_multiple_of_groups_names_the_defining_file(tmp_path):
     write(tmp_path, "model.yaml", "teacher:\n  arch: {num_layers: 2, hidden_size: 60, "
           "ffn_hidden_size: 64, num_attention_heads: 3, num_query_groups: 2}\n")
-    p = write(tmp_path, "exp.yaml", "defaults: [model.yaml]\nname: t\n")
+    p = write(tmp_path, "exp.yaml", "defaults: [model.yaml]\nname: t\n"
+              "domain: {taxonomy: conf/domains/cyber.yaml}\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert "model.yaml" in str(e.value) and "teacher.arch" in str(e.value)

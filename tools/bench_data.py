@@ -85,7 +85,7 @@ class PeakPss:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=500_000)
-    ap.add_argument("--domain", type=Path, default=ROOT / "conf/domains/finance.yaml")
+    ap.add_argument("--domain", type=Path, required=True, help="the taxonomy file")
     ap.add_argument("--out", type=Path, default=None, help="default: a temp folder, removed")
     ap.add_argument("--embedding", choices=["minilm", "minilm_static"], default="minilm_static",
                     help="semantic-dedup embeddings (full MiniLM runs ~210 rows/s on 2 cores)")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sentences", type=int, default=20_000)
-    ap.add_argument("--domain", type=Path, default=ROOT / "conf/domains/finance.yaml")
+    ap.add_argument("--domain", type=Path, required=True, help="the taxonomy file")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

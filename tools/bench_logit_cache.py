@@ -40,13 +40,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus(seed: int, n: int) -> list[str]:
+def corpus(taxonomy: Path, seed: int, n: int) -> list[str]:
     from distillscale.data.generate import generate_headlines
     from distillscale.domain import load_taxonomy
     from distillscale.knowledge.general import build_facts, country_lookup, knowledge_corpus
     from distillscale.teacher.rationale import RationaleBuilder
 
-    tax = load_taxonomy(ROOT / "conf/domains/finance.yaml")
+    tax = load_taxonomy(taxonomy)
     rows = generate_headlines(tax, n, "natural", 5, seed)
     facts = build_facts(seed)
     rb = RationaleBuilder(tax, rows, country_lookup(facts))
@@ -86,6 +86,8 @@ def train_llama(tok, texts, hidden, layers, steps, seed, desc):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--domain", type=Path, required=True,
+                    help="the taxonomy whose generated rows train the bench teacher")
     ap.add_argument("--k", type=int, nargs="+", default=[64, 16, 128])
     ap.add_argument("--tail-samples", type=int, default=16,
                     help="tokens drawn from the teacher's tail (0: merged tail bucket only)")
@@ -113,12 +115,12 @@ def main() -> int:
         tok = AutoTokenizer.from_pretrained(args.teacher)
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
         student = AutoModelForCausalLM.from_pretrained(args.student or args.teacher).eval()
-        texts, _ = corpus(args.seed + 1, args.eval_sequences)
+        texts, _ = corpus(args.domain, args.seed + 1, args.eval_sequences)
         held_out = texts[: args.eval_sequences]
         teacher_dir = args.teacher
     else:
-        texts, labels = corpus(args.seed, 1500)
-        held, _ = corpus(args.seed + 1, args.eval_sequences)
+        texts, labels = corpus(args.domain, args.seed, 1500)
+        held, _ = corpus(args.domain, args.seed + 1, args.eval_sequences)
         tok = build_word_tokenizer(texts + held, labels)
         teacher = train_llama(tok, texts, 128, 2, args.steps, args.seed, "train teacher")
         student = train_llama(tok, texts, 64, 1, args.steps // 2, args.seed + 1, "train student")

@@ -129,7 +129,7 @@ def _pattern_values(cls_templates: list[str], weights: list[float] | None) -> li
 
 def llm_system_prompt(taxonomy: Taxonomy) -> str:
     """The writer's instructions, from the domain's own task and classes (no domain is built
-    in: the same words serve finance, cybersecurity or any other taxonomy)."""
+    in: the same words serve every taxonomy)."""
     classes = "; ".join(f"{c.name}: {c.definition}" for c in taxonomy.classes)
     return (f"You write realistic, factual headlines for a labelled data set. The task the data "
             f"is for: {taxonomy.task} The classes: {classes}. Each headline you write must "

@@ -105,7 +105,7 @@ def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 3
     seqs = encoder.label_seqs
     k, tail = len(seqs), max(len(s) for s in seqs) - 1
     # The cache is copied once per class: bound rows x classes per forward (MAX_CACHED_ROWS), so
-    # 35 classes on a 30-layer model hold a few hundred MB of cache, not tens of GB.
+    # a few dozen classes on a 30-layer model hold a few hundred MB of cache, not tens of GB.
     batch_size = max(1, min(batch_size, MAX_CACHED_ROWS // k)) if tail > 0 else batch_size
     out = []
     for i in range(0, len(rows), batch_size):

@@ -193,7 +193,7 @@ def cot_keeps_knowledge(long: pd.DataFrame, gk_metric: str) -> list[dict]:
 
 
 def findings(long: pd.DataFrame, details: list[dict], id_metric: str = "macro_f1",
-             num_classes: int = 35, floors: dict[str, float] | None = None) -> list[dict]:
+             num_classes: int | None = None, floors: dict[str, float] | None = None) -> list[dict]:
     """Every finding's row (see the module docstring) from a normalized long results table."""
     gk = next((m for m in ("mmlu", "mmlu_pro") if m in set(long["metric"])), None)
     if gk is None:

@@ -45,7 +45,6 @@ IN_DOMAIN = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy")
 GENERAL = ("mmlu", "mmlu_pro")
 # Chance levels: 4-way MMLU, 10-way MMLU-Pro. In-domain: 1 / number of classes.
 GENERAL_FLOORS = {"mmlu": 0.25, "mmlu_pro": 0.10}
-DEFAULT_NUM_CLASSES = 35
 # Fraction of distinct x values held out (the largest datasets / strongest compressions).
 HOLDOUT_FRACTION = 0.25
 # Resample whole seeds when there are at least this many, else single points.
@@ -60,8 +59,10 @@ def is_general(metric: str) -> bool:
     return metric in GENERAL or metric.startswith("mmlu")
 
 
-def chance_floor(metric: str, num_classes: int = DEFAULT_NUM_CLASSES,
+def chance_floor(metric: str, num_classes: int | None = None,
                  floors: dict[str, float] | None = None) -> float:
+    """The chance level of `metric`: MMLU-style probes by their choices, in-domain metrics
+    1 / the task's number of classes (which only the domain knows: required for them)."""
     if floors and metric in floors:
         return float(floors[metric])
     if metric in GENERAL_FLOORS:
@@ -71,6 +72,8 @@ def chance_floor(metric: str, num_classes: int = DEFAULT_NUM_CLASSES,
     if metric.startswith("mmlu"):
         return 0.25
     if metric in IN_DOMAIN or metric.startswith(("f1_", "macro_f1", "accuracy")):
+        if num_classes is None:
+            raise ValueError(f"{metric}: the chance floor needs the task's number of classes")
         return 1.0 / num_classes
     return 0.0
 
@@ -185,7 +188,7 @@ def fit_table(
     metrics: list[str] | None = None,
     forms: list[str] | None = None,
     xs: list[str] | None = None,
-    num_classes: int = DEFAULT_NUM_CLASSES,
+    num_classes: int | None = None,
     floors: dict[str, float] | None = None,
     bootstrap_samples: int = 200,
     seed: int = 0,
@@ -440,7 +443,7 @@ def write_fits(groups: list[GroupFit], skipped: list[dict], out_dir: str | Path,
 
 
 def fit_results(long: pd.DataFrame, out_dir: str | Path, fit_cfg=None,
-                num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0,
+                num_classes: int | None = None, seed: int = 0,
                 source: str = "results") -> list[dict]:
     """The fit stage: every curve of `long` per `fit_cfg` (a `FitConfig`), written to `out_dir`."""
     fc = fit_cfg or FitConfig()

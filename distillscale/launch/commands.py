@@ -16,8 +16,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from distillscale.config import load_config
+from distillscale.config import FitConfig, load_config
+from distillscale.domain import load_taxonomy
 from distillscale.launch.allocation import KINDS, plan_launch
+from distillscale.launch.sweep import collect_results
+from distillscale.results_table import fit_or_report_table
 
 STAGE_NAMES = ("data", "teacher", "eval", "fit")
 
@@ -62,22 +65,26 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(plan.shell())
         return 0
     if cmd == "stage":
-        from distillscale import pipeline
+        # heavy: torch and the NVIDIA stack (`launch plan` runs on login nodes without them)
+        from distillscale import stages
+        from distillscale.launch.ranks import is_rank_zero
         from distillscale.launch.sweep import mark_done
+        from distillscale.runner import Runner
 
         cfg = load_config(args.config, args.overrides)
+        run = Runner(cfg)
         if args.stage == "eval":
-            pipeline.run_eval(cfg)
-            pipeline.run_fit(cfg)
-            pipeline.run_report(cfg)
-            from distillscale.launch.ranks import is_rank_zero
-
+            for stage in (stages.evaluate, stages.fit, stages.report):
+                run(stage)
             if is_rank_zero():
                 mark_done(cfg)
         elif args.stage == "fit" and (cfg.run_dir / "cells").is_dir():
             return _fit_sweep(cfg)
+        elif args.stage == "teacher":
+            run(stages.teacher)
+            run(stages.supervision)
         else:
-            getattr(pipeline, f"run_{args.stage}")(cfg)
+            run(getattr(stages, args.stage))
         return 0
     if cmd == "sweep":
         from rich.table import Table
@@ -109,17 +116,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fit_sweep(cfg) -> int:
-    """A sweep's fit job: one results table from every finished cell, then the fit and report
-    commands on it (the same `--results` interface a user calls by hand)."""
-    from distillscale.cli import main as cli_main
-    from distillscale.domain import load_taxonomy
-    from distillscale.launch.sweep import collect_results
-
+    """A sweep's fit job: one results table from every finished cell, then the fit and the
+    report on it (what `distillscale fit / report --results` do)."""
     table = collect_results(cfg.run_dir)
-    classes = str(len(load_taxonomy(cfg.domain.taxonomy).classes))
+    classes = len(load_taxonomy(cfg.domain.taxonomy).classes)
     fit_dir = cfg.run_dir / "fit"
-    rc = cli_main(["fit", "--results", str(table), "--out", str(fit_dir), "--num-classes", classes])
-    if rc == 0:
-        rc = cli_main(["report", "--results", str(table), "--out", str(cfg.run_dir),
-                       "--fits", str(fit_dir), "--num-classes", classes])
-    return rc
+    print(fit_or_report_table("fit", table, fit_dir, FitConfig(), classes))
+    print(fit_or_report_table("report", table, cfg.run_dir, FitConfig(), classes, fit_dir))
+    return 0

@@ -2,7 +2,7 @@
 
 A sweep file names a base experiment and the values of each axis:
 
-    name: finheadline_grid
+    name: quickstart_grid
     base: ../experiments/quickstart.yaml      # relative to this file
     overrides: [teacher.train.steps=200]      # applied to every cell
     dataset_sizes: [1000, 3000]               # data.num_examples

@@ -3,7 +3,7 @@
 Accepted: the class name in any case, with spaces / hyphens for underscores, or one of its
 aliases, anywhere in the answer (extra words and punctuation around it are fine). Rejected,
 with the reason kept: an empty answer, no known class, or two different classes. A mention
-inside a longer mention ("price target raised" inside "analyst price target raised") counts once.
+inside a longer mention (an alias "refund" inside another class's "partial refund") counts once.
 """
 
 from __future__ import annotations

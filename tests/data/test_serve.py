@@ -86,7 +86,7 @@ def test_an_url_endpoint_is_used_as_given(tmp_path):
 
 def test_endpoint_must_be_a_url_or_serve(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("name: x\nteacher: {arch: {num_layers: 2, hidden_size: 64, "
+    cfg.write_text("name: x\ndomain: {taxonomy: conf/domains/cyber.yaml}\nteacher: {arch: {num_layers: 2, hidden_size: 64, "
                    "ffn_hidden_size: 128, num_attention_heads: 4, num_query_groups: 2}}\n"
                    "data: {generator: designer, llm: {endpoint: localhost:8000, model: m}}\n")
     with pytest.raises(ConfigError, match="neither an http"):

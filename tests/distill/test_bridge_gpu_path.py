@@ -300,7 +300,7 @@ def test_launcher_dry_run_shows_prune_and_distill_layouts(tmp_path):
     assert "# prune: TP 1 x PP 1 x DP 16" in out
     assert "# distill: backend auto, sequence parallel False, every planned student fits" in out
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert srun.rstrip().endswith(f"recipes/prune_distill.py conf/experiments/gpu_8b.yaml "
+    assert srun.rstrip().endswith(f"-m distillscale.cli run conf/experiments/gpu_8b.yaml "
                                   f"teacher.hf_path={hf} launch.sequence_parallel=false "
                                   "distill.backend=auto")
 

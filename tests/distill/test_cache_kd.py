@@ -386,9 +386,6 @@ def test_run_distill_from_the_cache_and_the_missing_cache_error(run, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known regression: with stage outputs verified before a skip, the "
-                   "re-saved padded student no longer reaches the tokenizer check; under "
-                   "investigation", strict=False)
 def test_run_distill_aligns_a_padded_student_and_rejects_another_tokenizer(run):
     import json
 
@@ -428,8 +425,10 @@ def test_run_distill_aligns_a_padded_student_and_rejects_another_tokenizer(run):
     tok.save_pretrained(pruned / "hf")
     again = load_config(root / "conf/experiments/quickstart.yaml",
                         base + ["distill.teacher_logits=online", "distill.train.steps=9"])
+    # This step only, again: the whole-schedule call would see the pruned stage's outputs
+    # changed and prune again, with the teacher's tokenizer.
     with pytest.raises(VocabMismatchError, match=r"tokenizers differ.*zzz_not_in_teacher"):
-        pipeline.run_distill(again, student)
+        pipeline.run_distill(again, student, 1)
 
 
 def test_cache_needs_forward_kl():

@@ -39,8 +39,8 @@ def _table(id_curve, gk_curve, seeds=(0,), sd=0.005, formats=("label",), gk_shif
 
 def _verdicts(long):
     groups, _ = fit_table(long, ["macro_f1", "mmlu"], ["saturating_power_law", "logistic_log"],
-                          ["compression_ratio"], bootstrap_samples=30)
-    return findings(long, detail_records(groups, {}))
+                          ["compression_ratio"], num_classes=35, bootstrap_samples=30)
+    return findings(long, detail_records(groups, {}), num_classes=35)
 
 
 def test_knowledge_collapsing_early_is_supported_and_flat_data_is_not():

@@ -147,7 +147,7 @@ def test_write_fits_has_exactly_the_interface_keys(tmp_path):
     df = pd.concat(parts)
     # The teacher row has no method: it anchors every compression group.
     df.loc[df.compression_ratio == 1.0, ["method", "supervision", "schedule"]] = "none"
-    groups, skipped = fit_table(df, None, None, None, bootstrap_samples=10)
+    groups, skipped = fit_table(df, None, None, None, num_classes=35, bootstrap_samples=10)
     records = write_fits(groups, skipped, tmp_path, {"macro_f1": [0.6]}, "fixture")
     loaded = json.loads((tmp_path / "fits.json").read_text())
     assert loaded == json.loads(json.dumps(records))

@@ -92,7 +92,7 @@ def test_inside_the_job_srun_native_ranks_in_the_container(fake_slurm):
     assert {t["env"]["MASTER_ADDR"] for t in tasks} == {"gpu-node-007"}
     assert {t["env"]["MASTER_PORT"] for t in tasks} == {str(20000 + 4242)}
     assert {t["env"]["HF_HUB_OFFLINE"] for t in tasks} == {"1"}
-    assert tasks[0]["argv"] == ["recipes/prune_distill.py", QUICKSTART, "launch.tensor_parallel=2"]
+    assert tasks[0]["argv"] == ["-m", "distillscale.cli", "run", QUICKSTART, "launch.tensor_parallel=2"]
     assert fake_slurm.records("scontrol")[0]["argv"] == ["show", "hostnames", "gpu-node-[007-008]"]
 
 
@@ -135,7 +135,7 @@ def test_dry_run_prints_commands_without_slurm(script, tmp_path):
     res = launch(script, "--dry-run", "--config", QUICKSTART, "seed=3", env=env)
     out = res.stdout
     if script == "local.sh":
-        assert "recipes/prune_distill.py conf/experiments/quickstart.yaml seed=3" in out
+        assert "-m distillscale.cli run conf/experiments/quickstart.yaml seed=3" in out
         assert "srun" not in out and "sbatch" not in out
     else:
         assert out.count("\nsbatch ") + out.startswith("sbatch ") == 1
@@ -264,7 +264,7 @@ def test_local_launcher_starts_ranks_itself(fake_slurm):
     assert [t["env"]["LOCAL_RANK"] for t in tasks] == ["0", "1"]
     assert {(t["env"]["WORLD_SIZE"], t["env"]["MASTER_ADDR"], t["env"]["MASTER_PORT"])
             for t in tasks} == {("2", "127.0.0.1", "29999")}
-    assert tasks[0]["argv"] == ["recipes/prune_distill.py", QUICKSTART, "seed=1"]
+    assert tasks[0]["argv"] == ["-m", "distillscale.cli", "run", QUICKSTART, "seed=1"]
     res = launch("local.sh", "--config", QUICKSTART, "--nodes", "2", env=env, check=False)
     assert res.returncode == 2 and "this machine only" in res.stderr
 

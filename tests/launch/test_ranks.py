@@ -81,8 +81,11 @@ def test_two_ranks_write_each_stage_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "stage"]
 
 
-def test_plan_layouts():
-    cfg = load_config(QUICKSTART, ["launch.tensor_parallel=2", "launch.pipeline_parallel=2"])
+def test_plan_layouts(tmp_path):
+    # A run folder of its own: a trained quickstart teacher in runs/ would have its students'
+    # shapes checked against PP 2 (the 1-layer depth student does not split in two).
+    cfg = load_config(QUICKSTART, ["launch.tensor_parallel=2", "launch.pipeline_parallel=2",
+                                   f"output_dir={tmp_path}"])
     plan = plan_launch(cfg, "prune_distill", nodes=4, gpus_per_node=8, repo=REPO)
     assert (plan.world_size, plan.data_parallel, plan.tasks_per_node) == (32, 8, 8)
     assert plan.mounts.split(",")[0] == f"{REPO}:{REPO}"

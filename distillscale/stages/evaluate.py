@@ -1,0 +1,121 @@
+"""Evaluate: the teacher and every pruned and distilled student (every schedule step) on the
+held-out split — in-domain macro F1 / accuracy with bootstrap CIs (`eval/indomain.py`) and
+general knowledge through lm-eval on the HF exports (`eval/general.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distillscale.eval.general import evaluate_hf_export
+from distillscale.eval.indomain import generate_labels, predict_labels, score_detailed
+from distillscale.manifest import StageOutput
+from distillscale.runner import Context, Stage, console, student_folders
+from distillscale.stages.rows import encoder, load_split
+
+RESULT_COLUMNS = ("model", "params", "compression_ratio", "axis", "schedule", "step", "method",
+                  "supervision", "dataset_size", "seed", "metric", "value", "ci_low", "ci_high",
+                  "manifest_hash")
+
+
+def evaluated_models(ctx: Context) -> tuple[dict[str, Path], dict[str, int]]:
+    """Name -> folder of the teacher and every step of every student's schedule (the last step
+    is `<name>/pruned|distilled`, earlier ones `<name>/step<k>/...`), and each one's step."""
+    models, step_of = {"teacher": ctx.paths.teacher}, {"teacher": 0}
+    for s in ctx.cfg.students:
+        folders = student_folders(ctx, s)
+        for k, pruned, distilled in folders:
+            prefix = s.name if k == len(folders) else f"{s.name}/step{k}"
+            models[f"{prefix}/pruned"], models[f"{prefix}/distilled"] = pruned, distilled
+            step_of[f"{prefix}/pruned"] = step_of[f"{prefix}/distilled"] = k
+    return models, step_of
+
+
+def _inputs(ctx: Context) -> dict[str, Path]:
+    return {"data": ctx.paths.data, **evaluated_models(ctx)[0]}
+
+
+def _body(ctx: Context, out: StageOutput) -> None:
+    from distillscale.models.checkpoint import load_model  # heavy: megatron-core
+    from distillscale.models.megatron_gpt import count_params
+
+    cfg, p = ctx.cfg, ctx.paths
+    general_cfg = cfg.eval.general.model_copy(update={
+        k: getattr(cfg.eval.general, k).replace("{run_dir}", str(cfg.run_dir))
+        for k in ("mmlu_path", "mmlu_pro_path") if getattr(cfg.eval.general, k)
+    })
+    models, step_of = evaluated_models(ctx)
+    rows = load_split(p.data, cfg.eval.split)
+    dataset_size = len(load_split(p.data, "train"))
+    teacher, t_arch, _ = load_model(p.teacher)
+    enc, _ = encoder(ctx, t_arch.seq_length)
+    idx = {n: i for i, n in enumerate(enc.labels)}
+    y = np.array([idx[r["label"]] for r in rows])
+    y_gold = np.array([idx.get(r.get("gold_label", r["label"]), -1) for r in rows])
+    teacher_params = count_params(teacher)
+    records, preds, per_class, cells, notes = [], {}, [], [], set()
+    by_name = {s.name: s for s in cfg.students}
+    generative = cfg.eval.scoring == "generative"
+    for name, folder in models.items():
+        model, arch, _ = (teacher, t_arch, None) if name == "teacher" else load_model(folder)
+        if generative:
+            # CoT-supervised students open their reasoning as they were trained to.
+            depth = cfg.distill.supervision if (
+                name.endswith("distilled") and cfg.distill.supervision.startswith("cot")
+            ) else None
+            pred, _texts = generate_labels(model, enc, rows, cfg.eval.max_new_tokens, depth,
+                                           cfg.eval.batch_size)
+        else:
+            # Multi-token class names are scored on the HF export's KV cache.
+            hf_dir = folder / "hf"
+            pred = predict_labels(model, enc, rows, cfg.eval.batch_size,
+                                  hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None)
+        preds[name] = pred
+        metrics, pc, cm = score_detailed(
+            y, pred, y_gold, cfg.eval.bootstrap_samples, cfg.seed, generative, enc.labels)
+        per_class += [{"model": name, **r} for r in pc]
+        cells += [{"model": name, **r} for r in cm]
+        general, why = evaluate_hf_export(folder / "hf", general_cfg,
+                                          cfg.teacher.source == "scratch")
+        notes.update(why)
+        metrics.update({k: {c: v[c] for c in ("value", "ci_low", "ci_high")}
+                        for k, v in general.items()})
+        params = count_params(model)
+        student = by_name.get(name.split("/")[0])
+        base = {
+            "model": name, "params": params, "compression_ratio": params / teacher_params,
+            "axis": student.axis if student else "none",
+            "stage": name.rsplit("/", 1)[1] if "/" in name else "teacher",
+            "schedule": cfg.prune.schedule if student else "none", "step": step_of[name],
+            "method": cfg.distill.method if name.endswith("distilled") else "none",
+            "supervision": cfg.distill.supervision if name.endswith("distilled") else "none",
+            "dataset_size": dataset_size, "seed": cfg.seed,
+            "num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+            "ffn_hidden_size": arch.ffn_hidden_size,
+            "num_attention_heads": arch.num_attention_heads,
+        }
+        for metric, v in metrics.items():
+            records.append({**base, "metric": metric, **v})
+    long = pd.DataFrame.from_records(records)
+    long["manifest_hash"] = out.config_hash
+    # The results table has exactly the columns of the results schema (the fit stage's only
+    # input); the per-model shape columns go to models.csv for the wide view.
+    long[list(RESULT_COLUMNS)].to_csv(out.path / "results_long.csv", index=False)
+    long[list(RESULT_COLUMNS)].to_parquet(out.path / "results.parquet", index=False)
+    model_cols = [c for c in long.columns if c not in RESULT_COLUMNS or c == "model"]
+    long[model_cols].drop_duplicates("model").to_csv(out.path / "models.csv", index=False)
+    pd.DataFrame(per_class).to_csv(out.path / "per_class_f1.csv", index=False)
+    pd.DataFrame(cells).to_csv(out.path / "confusion.csv", index=False)
+    out.metrics["notes"] = sorted(notes)
+    for n in sorted(notes):
+        console.print(f"[yellow]eval: {n}[/yellow]")
+    pd.DataFrame({k: v for k, v in preds.items()}).assign(
+        label=[r["label"] for r in rows], id=[r["id"] for r in rows]
+    ).to_csv(out.path / "predictions.csv", index=False)
+    out.metrics["models"] = len(models)
+
+
+STAGE = Stage("eval", _body, folder=lambda ctx: ctx.paths.eval,
+              sections=("eval", "prune", "distill", "seed"), inputs=_inputs)
