@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from distillscale.domain import Taxonomy
+from distillscale.domain_check import TRIVIAL_F1, heldout_baseline
 from distillscale.manifest import write_text_atomic
 
 SPLITS = ("train", "val", "test")
@@ -222,8 +223,6 @@ def write_card(
 
 def baseline_section(splits: dict[str, list[dict]], seed: int = 0) -> list[str]:
     """How far a bag of words gets on this data: the score to read the teacher's against."""
-    from distillscale.domain_check import TRIVIAL_F1, heldout_baseline
-
     b = heldout_baseline(splits["train"], splits["test"], seed=seed)
     if b is None:
         return []
