@@ -9,6 +9,7 @@ library internals.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.machinery
 import sys
 import types
@@ -22,12 +23,39 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+_REAL_TE: list[bool] = []
+
+
+def real_transformer_engine() -> bool:
+    """True when the real transformer-engine imports (CUDA present, TE installed with its
+    built extension). On CPU it is never imported: only the import-only stub below may be.
+    A GPU machine without TE (a bare CUDA + torch image) runs the local layer spec, with the
+    same stub and local-spec adapters as the CPU."""
+    if not _REAL_TE:
+        ok = False
+        if cuda_available():
+            if "transformer_engine" in sys.modules:
+                ok = not str(getattr(sys.modules["transformer_engine"], "__version__",
+                                     "")).endswith("cpu-stub")
+            else:
+                try:
+                    importlib.import_module("transformer_engine.pytorch")
+                    ok = True
+                # A wheel without its built torch extension raises FileNotFoundError (OSError).
+                except (ImportError, OSError, RuntimeError):
+                    ok = False
+        _REAL_TE.append(ok)
+    return _REAL_TE[0]
+
+
 def apply_cpu_shims() -> None:
-    """Apply the megatron-core CPU shims (idempotent). No-op when CUDA is available."""
-    if cuda_available() or "core" in _APPLIED:
+    """Apply the megatron-core CPU shims (idempotent). No-op when CUDA and the real
+    transformer-engine are available; on CUDA without TE only the TE stub is installed."""
+    if "core" in _APPLIED or real_transformer_engine():
         return
-    _patch_current_device()
-    _patch_rng_tracker()
+    if not cuda_available():
+        _patch_current_device()
+        _patch_rng_tracker()
     # Before any ModelOpt import: ModelOpt 0.47 registers its Megatron plugins (Minitron,
     # distillation) only if `import transformer_engine` succeeds at its own import time, and
     # silently skips them otherwise (`mtp.mcore_minitron` then does not exist).
@@ -132,7 +160,7 @@ def apply_peft_cpu_shims() -> None:
     `te.pytorch.LayerNormMLP`, which the stub lacks. Models peft wraps here are transformers
     models with no TE layers, so that dispatch never applies.
     """
-    if cuda_available() or "peft" in _APPLIED:
+    if real_transformer_engine() or "peft" in _APPLIED:
         return
     import peft.tuners.lora.te as peft_te
 
@@ -150,7 +178,7 @@ def install_transformer_engine_stub() -> None:
     import). The placeholders below are never instantiated: the local layer spec never builds
     them; they only have to be distinct `nn.Module` classes so registries can key on them.
     """
-    if cuda_available() or "te_stub" in _APPLIED:
+    if real_transformer_engine() or "te_stub" in _APPLIED:
         return
     import megatron.core.extensions.transformer_engine as mte
 
@@ -195,9 +223,11 @@ def install_transformer_engine_stub() -> None:
 def apply_modelopt_cpu_shims() -> None:
     """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel on CPU (idempotent).
 
-    No-op when CUDA is available: the GPU path builds the TE spec, which ModelOpt supports as is.
+    No-op with the real transformer-engine: the GPU path then builds the TE spec, which ModelOpt
+    supports as is. On CUDA without TE (local spec on GPU) the local-spec adapters apply and the
+    layer-drop CPU workaround does not (NCCL takes CUDA tensors).
     """
-    if cuda_available() or "modelopt_prune" in _APPLIED:
+    if real_transformer_engine() or "modelopt_prune" in _APPLIED:
         return
     apply_cpu_shims()
     install_transformer_engine_stub()  # must precede the ModelOpt Megatron plugin import
@@ -206,7 +236,8 @@ def apply_modelopt_cpu_shims() -> None:
     _register_dynamic_torch_rmsnorm()
     _register_dynamic_local_self_attention()
     _adapt_hidden_size_hooks_to_local_spec(mcore_minitron)
-    _make_layer_drop_cpu_safe(mcore_minitron)
+    if not cuda_available():
+        _make_layer_drop_cpu_safe(mcore_minitron)
     _APPLIED.add("modelopt_prune")
 
 

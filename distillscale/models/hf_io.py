@@ -29,7 +29,12 @@ from pathlib import Path
 
 import torch
 
-from distillscale.compat.cpu import apply_cpu_shims, cuda_available, install_bridge_te_stub
+from distillscale.compat.cpu import (
+    apply_cpu_shims,
+    cuda_available,
+    install_bridge_te_stub,
+    real_transformer_engine,
+)
 from distillscale.config import ModelArch
 
 # HF families `save_hf` can write: (architecture, megatron qk_layernorm, megatron add_qkv_bias).
@@ -416,8 +421,9 @@ def load_hf(path: str | Path):
     provider.attention_dropout = 0.0
     # No DDP wrapper, so no main_grad buffers for the fused weight-gradient accumulation.
     provider.gradient_accumulation_fusion = False
-    if not on_gpu:
-        # megatron-core 0.19 on CPU: local spec (honours qk_layernorm) and every fusion off.
+    if not real_transformer_engine():
+        # megatron-core 0.19 without transformer-engine (CPU, or a GPU image without it): local
+        # spec (honours qk_layernorm) and every fusion off.
         from megatron.bridge.models.gpt_provider import local_layer_spec
 
         provider.transformer_layer_spec = local_layer_spec
