@@ -148,7 +148,7 @@ def plan_launch(
                    prune_layout(cfg, world, gpus) if kind == "prune_distill"
                    else (1, 1, world))),
         sequence_parallel=lc.sequence_parallel and tp > 1, distill_backend=cfg.distill.backend,
-        image=image or lc.container, mounts=",".join(mounts), time=time or lc.time,
+        image=image or (lc.vllm_container if runs_vllm(cfg, kind) else lc.container), mounts=",".join(mounts), time=time or lc.time,
         partition=partition or lc.partition or "", account=account or lc.account or "",
     )
 
@@ -296,6 +296,14 @@ def check_student_layouts(cfg: ExperimentConfig, tp: int, pp: int, sequence_para
                     f"{step.arch.num_attention_heads} heads / {step.arch.num_query_groups} query "
                     f"groups, ffn {step.arch.ffn_hidden_size} does not fit launch.tensor_parallel="
                     f"{tp} x launch.pipeline_parallel={pp}: {why}; change the student or the layout")
+
+
+def runs_vllm(cfg: ExperimentConfig, kind: str) -> bool:
+    """Whether a job of `kind` runs vLLM, and so runs in `launch.vllm_container`: the teacher and
+    eval jobs, and a data job that serves its generator (`data.llm.endpoint: serve`)."""
+    if kind in ("teacher", "eval"):
+        return True
+    return kind == "data" and cfg.data.llm is not None and cfg.data.llm.endpoint == "serve"
 
 
 def _data_gpus(cfg: ExperimentConfig) -> int:

@@ -43,3 +43,12 @@ def test_a_teacher_too_large_for_one_gpu_is_refused_in_one_line(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("prune: the teacher")
     assert "needs pipeline_parallel=4" in msg
+
+
+def test_vllm_jobs_get_the_vllm_image_and_training_the_nemo_image(tmp_path):
+    cfg = _cfg(tmp_path, None, "launch.vllm_container=/images/vllm.sqsh")
+    assert plan_launch(cfg, "teacher").image == "/images/vllm.sqsh"
+    assert plan_launch(cfg, "eval").image == "/images/vllm.sqsh"
+    assert plan_launch(cfg, "prune_distill").image == cfg.launch.container
+    assert plan_launch(cfg, "fit").image == cfg.launch.container
+    assert plan_launch(cfg, "eval", image="mine.sqsh").image == "mine.sqsh"  # --image wins
