@@ -57,17 +57,19 @@ class Size:
 SIZES = {
     # ~0.9B teacher -> ~0.5B student, 16 x 1024 tokens per step: minutes on one H100 / H200.
     "small": Size(
-        teacher=dict(num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
-                     num_query_groups=8, kv_channels=128, seq_length=1024, rotary_base=1e6,
-                     norm_epsilon=1e-6, qk_layernorm=True),
-        target=dict(hidden_size=1536, ffn_hidden_size=4096, num_attention_heads=8),
+        teacher={"num_layers": 16, "hidden_size": 2048, "ffn_hidden_size": 5632,
+                 "num_attention_heads": 16, "num_query_groups": 8, "kv_channels": 128,
+                 "seq_length": 1024, "rotary_base": 1e6, "norm_epsilon": 1e-6,
+                 "qk_layernorm": True},
+        target={"hidden_size": 1536, "ffn_hidden_size": 4096, "num_attention_heads": 8},
         vocab=32768, batch=16, teacher_steps=200, distill_steps=300, calib_batches=4),
     # The CPU proof of the script: seconds per stage on one core.
     "tiny": Size(
-        teacher=dict(num_layers=4, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
-                     num_query_groups=2, kv_channels=16, seq_length=64, rotary_base=1e6,
-                     norm_epsilon=1e-6, qk_layernorm=True),
-        target=dict(hidden_size=48, ffn_hidden_size=128, num_attention_heads=2),
+        teacher={"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 256,
+                 "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 16,
+                 "seq_length": 64, "rotary_base": 1e6, "norm_epsilon": 1e-6,
+                 "qk_layernorm": True},
+        target={"hidden_size": 48, "ffn_hidden_size": 128, "num_attention_heads": 2},
         vocab=256, batch=8, teacher_steps=80, distill_steps=60, calib_batches=2),
 }
 
