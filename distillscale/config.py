@@ -498,6 +498,11 @@ class LaunchConfig(Strict):
     # least 2 H100s; the paper's data build served its generator with TP=4.
     vllm_tensor_parallel: Annotated[int, Field(gt=0)] = 1
     container: str = "nvcr.io/nvidia/nemo:26.04"
+    # The image of the jobs that run vLLM (teacher supervision, evaluation, a data job serving its
+    # generator): vLLM 0.32.0 pins torch 2.13.0 and transformers >= 5.16.1, which the NeMo
+    # image's own torch build and Megatron-Bridge 0.6.2 (transformers <= 5.12.1) cannot meet, so
+    # these jobs get their own image (Dockerfile.vllm; docs/gpu_path.md).
+    vllm_container: str = "vllm/vllm-openai:v0.32.0"
     # Extra pyxis mounts `SRC:DST[:FLAGS]`; the repository is always mounted at its own path.
     container_mounts: list[Annotated[str, Field(pattern=r"^[^:,]+:[^:,]+(:[a-z+]+)?$")]] = []
     time: Annotated[str, Field(pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")] = "04:00:00"

@@ -38,7 +38,8 @@ usage: ${DS_LAUNCHER_NAME} (--config FILE | --config-list FILE) [options] [key.s
   --time T              wall time              (env DISTILLSCALE_TIME; launch.time)
   --partition P         (env DISTILLSCALE_PARTITION; launch.partition)
   --account A           (env DISTILLSCALE_ACCOUNT; launch.account)
-  --image I             container image or .sqsh (env DISTILLSCALE_IMAGE; launch.container)
+  --image I             container image or .sqsh (env DISTILLSCALE_IMAGE; launch.container, or
+                        launch.vllm_container for the jobs that run vLLM: teacher, eval, serve)
   --mount SRC:DST[:ro]  extra container mount, repeatable (env DISTILLSCALE_MOUNTS, comma list)
   --job-name NAME       sbatch job name
   --dependency DEP      sbatch dependency, e.g. afterok:123

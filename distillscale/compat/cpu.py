@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.machinery
 import sys
 import types
@@ -30,12 +31,40 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+_REAL_TE: list[bool] = []
+
+
+def real_transformer_engine() -> bool:
+    """True when the real transformer-engine imports (CUDA present, TE installed with its
+    built extension). On CPU it is never imported: only the import-only stub below may be.
+    A GPU machine without TE (a bare CUDA + torch image) runs the local layer spec, with the
+    same stub and local-spec adapters as the CPU."""
+    if not _REAL_TE:
+        ok = False
+        if cuda_available():
+            if "transformer_engine" in sys.modules:
+                ok = not str(getattr(sys.modules["transformer_engine"], "__version__",
+                                     "")).endswith("cpu-stub")
+            else:
+                try:
+                    importlib.import_module("transformer_engine.pytorch")
+                    ok = True
+                # A wheel without its built torch extension raises FileNotFoundError (OSError).
+                except (ImportError, OSError, RuntimeError):
+                    ok = False
+        _REAL_TE.append(ok)
+    return _REAL_TE[0]
+
+
 def activate() -> None:
-    """Switch on every CPU shim (idempotent). No-op when CUDA is available."""
-    if cuda_available() or "core" in _APPLIED:
+    """Switch on every CPU shim (idempotent). No-op with CUDA and the real transformer-engine;
+    on CUDA without TE (the local layer spec on a GPU) only the TE stub and the local-spec
+    adapters apply."""
+    if "core" in _APPLIED or real_transformer_engine():
         return
-    _patch_current_device()
-    _patch_rng_tracker()
+    if not cuda_available():
+        _patch_current_device()
+        _patch_rng_tracker()
     # Before any ModelOpt import: ModelOpt 0.47 registers its Megatron plugins (Minitron,
     # distillation) only if `import transformer_engine` succeeds at its own import time, and
     # silently skips them otherwise (`mtp.mcore_minitron` then does not exist). The same stub
@@ -148,6 +177,8 @@ def _peft_shim(peft_te) -> None:
     `te.pytorch.LayerNormMLP`, which the stub lacks. Models peft wraps here are transformers
     models with no TE layers, so that dispatch never applies.
     """
+    if real_transformer_engine():
+        return
     peft_te.is_te_pytorch_available = lambda: False
 
 
@@ -161,7 +192,7 @@ def _install_transformer_engine_stub() -> None:
     import). The placeholders below are never instantiated: the local layer spec never builds
     them; they only have to be distinct `nn.Module` classes so registries can key on them.
     """
-    if "te_stub" in _APPLIED:
+    if real_transformer_engine() or "te_stub" in _APPLIED:
         return
     # heavy: megatron-core, only where a Megatron model is built or run
     import megatron.core.extensions.transformer_engine as mte
@@ -205,14 +236,17 @@ def _install_transformer_engine_stub() -> None:
 
 
 def _minitron_shims(mcore_minitron) -> None:
-    """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel on CPU (run once, when
-    `mcore_minitron` is imported; the GPU path builds the TE spec, which ModelOpt supports)."""
-    if "modelopt_prune" in _APPLIED:
+    """Let ModelOpt 0.47 Minitron prune a local-spec GPTModel (run once, when `mcore_minitron`
+    is imported). No-op with the real transformer-engine: the GPU path then builds the TE spec,
+    which ModelOpt supports as is. On CUDA without TE (local spec on GPU) the local-spec
+    adapters apply and the layer-drop CPU workaround does not (NCCL takes CUDA tensors)."""
+    if real_transformer_engine() or "modelopt_prune" in _APPLIED:
         return
     _register_dynamic_torch_rmsnorm()
     _register_dynamic_local_self_attention()
     _adapt_hidden_size_hooks_to_local_spec(mcore_minitron)
-    _make_layer_drop_cpu_safe(mcore_minitron)
+    if not cuda_available():
+        _make_layer_drop_cpu_safe(mcore_minitron)
     _APPLIED.add("modelopt_prune")
 
 

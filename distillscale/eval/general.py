@@ -27,14 +27,22 @@ def task_manager(metadata: dict):
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
 
 
-def model_spec(model_dir: Path, backend: str, batch_size: int) -> tuple[str, dict]:
-    """lm-eval model name and args for an HF export folder."""
+def model_spec(model_dir: Path, backend: str, batch_size: int, tensor_parallel: int = 1,
+               max_model_len: int | None = None) -> tuple[str, dict]:
+    """lm-eval model name and args for an HF export folder. For vLLM, `tensor_parallel` is
+    `launch.vllm_tensor_parallel` and `max_model_len` bounds the KV cache to what is scored
+    (lm-eval 0.4.13's vLLM wrapper passes neither unless given); the engine must be the only
+    model on its GPUs (it takes 0.8 of their memory)."""
     path = Path(model_dir)
     if backend == "hf":
         return "hf", {"pretrained": str(path), "dtype": "float32", "batch_size": batch_size,
                       "device": "cpu" if not _cuda() else "cuda"}
     if backend == "vllm":
-        return "vllm", {"pretrained": str(path), "dtype": "auto", "gpu_memory_utilization": 0.8}
+        args = {"pretrained": str(path), "dtype": "auto", "gpu_memory_utilization": 0.8,
+                "tensor_parallel_size": int(tensor_parallel)}
+        if max_model_len is not None:
+            args["max_model_len"] = int(max_model_len)
+        return "vllm", args
     raise ValueError(f"eval.general.backend: unknown backend {backend!r} (hf or vllm)")
 
 
@@ -102,11 +110,14 @@ def general_tasks(mmlu_path: str | None, mmlu_pro_path: str | None, cloze: bool)
     return tasks, meta, notes
 
 
-def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool) -> tuple[dict, list[str]]:
+def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool,
+                       tensor_parallel: int = 1,
+                       max_model_len: int | None = None) -> tuple[dict, list[str]]:
     """MMLU / MMLU-Pro of one model's HF export per `eval.general`: (metric -> CI, notes).
 
     Models with a from-scratch word-level tokenizer get the cloze prompt and an explicit
     `<bos>` (their training format) unless `eval.general.prompt` says otherwise.
+    `tensor_parallel` / `max_model_len`: the vLLM engine's (`launch.vllm_tensor_parallel`).
     """
     cloze = general_cfg.prompt == "cloze" or (general_cfg.prompt == "auto" and scratch_tokenizer)
     tasks, meta, notes = general_tasks(general_cfg.mmlu_path, general_cfg.mmlu_pro_path, cloze)
@@ -115,6 +126,7 @@ def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool) -> tu
     if not (Path(hf_dir) / "config.json").is_file():
         return {}, notes + [f"{hf_dir}: no HF export; general knowledge not evaluated"]
     meta["prompt_prefix"] = "<bos> " if scratch_tokenizer else ""
-    name, args = model_spec(hf_dir, general_cfg.backend, general_cfg.batch_size)
+    name, args = model_spec(hf_dir, general_cfg.backend, general_cfg.batch_size,
+                            tensor_parallel, max_model_len)
     res = evaluate(name, tasks, meta, general_cfg.num_fewshot, general_cfg.limit, args)
     return res, notes

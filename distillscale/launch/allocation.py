@@ -39,7 +39,7 @@ class LaunchPlan:
     vllm_tensor_parallel: int
     # The prune stage's own layout: Minitron scores and prunes an unsharded model (ModelOpt
     # checks only that the *config* says TP 1; megatron-core shards by the process group), so
-    # it runs at TP 1 x PP 1, every rank holding the whole model (`prune_layout`).
+    # it runs at TP 1, PP from the teacher's size (`prune_layout`).
     prune_tensor_parallel: int
     prune_pipeline_parallel: int
     prune_data_parallel: int
@@ -147,18 +147,72 @@ def plan_launch(
         tasks_per_node=tasks_per_node, world_size=world, tensor_parallel=tp,
         pipeline_parallel=pp, data_parallel=dp, vllm_tensor_parallel=vtp,
         **dict(zip(("prune_tensor_parallel", "prune_pipeline_parallel", "prune_data_parallel"),
-                   prune_layout(world))),
+                   prune_layout(cfg, world, gpus) if kind == "prune_distill"
+                   else (1, 1, world))),
         sequence_parallel=lc.sequence_parallel and tp > 1, distill_backend=cfg.distill.backend,
-        image=image or lc.container, mounts=",".join(mounts), time=time or lc.time,
+        image=image or (lc.vllm_container if runs_vllm(cfg, kind) else lc.container), mounts=",".join(mounts), time=time or lc.time,
         partition=partition or lc.partition or "", account=account or lc.account or "",
     )
 
 
-def prune_layout(world_size: int) -> tuple[int, int, int]:
-    """(TP, PP, DP) of the prune stage. TP is 1 by Minitron's design; PP is 1 because our
-    prune builder (distillscale/models/megatron_gpt.py `build_gpt`) builds one pipeline stage:
-    an 8B teacher in bf16 (16 GB) plus calibration activations fits one 80 GB GPU."""
-    return 1, 1, world_size
+# Teacher bf16 weights one GPU may hold while Minitron scores it: the weights, the calibration
+# activations and ModelOpt's importance buffers must fit an 80 GB H100 with room to spare.
+PRUNE_WEIGHT_BUDGET_GIB = 40.0
+
+
+def teacher_shape(cfg: ExperimentConfig):
+    """(ModelArch, vocab size) of the teacher without loading it: an HF teacher's config.json,
+    the trained teacher's arch.json, else the config's own `teacher.arch` (None if unknown)."""
+    import json
+
+    from distillscale.config import ModelArch
+
+    if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
+        return teacher_arch_from_hf(Path(cfg.teacher.hf_path))
+    meta = Path(cfg.run_dir) / "teacher" / "checkpoint" / "arch.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        return ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    return None
+
+
+def prune_layout(cfg: ExperimentConfig, world_size: int | None = None,
+                 gpus_per_node: int | None = None) -> tuple[int, int, int]:
+    """(TP, PP, DP) of the prune stage, distinct from the distill layout.
+
+    TP is always 1: Minitron scores and slices an unsharded model (ModelOpt 0.47 checks only
+    that the model *config* says TP 1, `nas/plugins/megatron.py`, while megatron-core shards by
+    the process group, so a TP > 1 group would be pruned silently sharded). PP is the smallest
+    divisor of the node's GPUs that divides the teacher's layers and brings its bf16 weights per
+    GPU under PRUNE_WEIGHT_BUDGET_GIB (1 for an 8B teacher: 16 GB). Our prune builder
+    (`models/megatron_gpt.py` `build_gpt`) builds one pipeline stage, so a teacher that needs
+    PP > 1 is refused in one line; pruning it needs Bridge providers
+    (`modelopt.torch.utils.plugins.mbridge.load_mbridge_model_from_hf`). DP = world / PP."""
+    from distillscale.models.megatron_gpt import arch_params
+
+    world = world_size if world_size is not None else cfg.launch.nodes * max(
+        cfg.launch.gpus_per_node, 1)
+    gpus = gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node
+    shape = teacher_shape(cfg) or ((cfg.teacher.arch, None) if cfg.teacher.arch else None)
+    if shape is None:
+        return 1, 1, world
+    arch, vocab = shape
+    gib = arch_params(arch, vocab or 32000) * 2 / 2**30
+    pp = next((p for p in range(1, max(gpus, 1) + 1)
+               if max(gpus, 1) % p == 0 and arch.num_layers % p == 0
+               and gib / p <= PRUNE_WEIGHT_BUDGET_GIB), None)
+    if pp is None:
+        raise ConfigError(
+            f"prune: the teacher ({gib:.0f} GiB in bf16, {arch.num_layers} layers) does not fit "
+            f"{max(gpus, 1)} GPU(s) of a node at {PRUNE_WEIGHT_BUDGET_GIB:.0f} GiB each")
+    if pp > 1:
+        raise ConfigError(
+            f"prune: the teacher ({gib:.0f} GiB in bf16) needs pipeline_parallel={pp} to be "
+            "pruned, and the prune stage builds one pipeline stage (models/megatron_gpt.py); "
+            "prune a smaller teacher or add a Bridge-provider prune")
+    if world % pp:
+        raise ConfigError(f"prune: pipeline_parallel={pp} does not divide the {world} rank(s)")
+    return 1, pp, world // pp
 
 
 def teacher_arch_from_hf(hf_dir: Path):
@@ -228,6 +282,14 @@ def check_student_layouts(cfg: ExperimentConfig, tp: int, pp: int, sequence_para
                     f"{step.arch.num_attention_heads} heads / {step.arch.num_query_groups} query "
                     f"groups, ffn {step.arch.ffn_hidden_size} does not fit launch.tensor_parallel="
                     f"{tp} x launch.pipeline_parallel={pp}: {why}; change the student or the layout")
+
+
+def runs_vllm(cfg: ExperimentConfig, kind: str) -> bool:
+    """Whether a job of `kind` runs vLLM, and so runs in `launch.vllm_container`: the teacher and
+    eval jobs, and a data job that serves its generator (`data.llm.endpoint: serve`)."""
+    if kind in ("teacher", "eval"):
+        return True
+    return kind == "data" and cfg.data.llm is not None and cfg.data.llm.endpoint == "serve"
 
 
 def _data_gpus(cfg: ExperimentConfig) -> int:

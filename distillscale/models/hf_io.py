@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import activate, cuda_available
+from distillscale.compat.cpu import activate, cuda_available, real_transformer_engine
 from distillscale.config import ModelArch
 from distillscale.manifest import replace_dir
 from distillscale.models.megatron_gpt import init_distributed
@@ -408,8 +408,9 @@ def load_hf(path: str | Path):
     provider.attention_dropout = 0.0
     # No DDP wrapper, so no main_grad buffers for the fused weight-gradient accumulation.
     provider.gradient_accumulation_fusion = False
-    if not on_gpu:
-        # megatron-core 0.19 on CPU: local spec (honours qk_layernorm) and every fusion off.
+    if not real_transformer_engine():
+        # megatron-core 0.19 without transformer-engine (CPU, or a GPU image without it): local
+        # spec (honours qk_layernorm) and every fusion off.
         from megatron.bridge.models.gpt_provider import local_layer_spec
 
         provider.transformer_layer_spec = local_layer_spec

