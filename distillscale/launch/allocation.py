@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distillscale.config import ConfigError, ExperimentConfig, ModelArch
+from distillscale.models.shape import arch_params
 from distillscale.prune.schedule import plan_schedule
 
 KINDS = ("prune_distill", "teacher", "eval", "data", "fit")
@@ -163,10 +164,6 @@ PRUNE_WEIGHT_BUDGET_GIB = 40.0
 def teacher_shape(cfg: ExperimentConfig):
     """(ModelArch, vocab size) of the teacher without loading it: an HF teacher's config.json,
     the trained teacher's arch.json, else the config's own `teacher.arch` (None if unknown)."""
-    import json
-
-    from distillscale.config import ModelArch
-
     if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
         return teacher_arch_from_hf(Path(cfg.teacher.hf_path))
     meta = Path(cfg.run_dir) / "teacher" / "checkpoint" / "arch.json"
@@ -188,8 +185,6 @@ def prune_layout(cfg: ExperimentConfig, world_size: int | None = None,
     (`models/megatron_gpt.py` `build_gpt`) builds one pipeline stage, so a teacher that needs
     PP > 1 is refused in one line; pruning it needs Bridge providers
     (`modelopt.torch.utils.plugins.mbridge.load_mbridge_model_from_hf`). DP = world / PP."""
-    from distillscale.models.megatron_gpt import arch_params
-
     world = world_size if world_size is not None else cfg.launch.nodes * max(
         cfg.launch.gpus_per_node, 1)
     gpus = gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node
