@@ -50,7 +50,7 @@ from distillscale.manifest import (
     write_text_atomic,
 )
 from distillscale.models.hf_io import arch_from_hf_config
-from distillscale.models.megatron_gpt import init_distributed
+from distillscale.models.megatron_gpt import init_distributed, use_model_parallel_layout
 from distillscale.prune.schedule import Step, plan_schedule
 from distillscale.teacher.stage import resolve_hf_path
 from distillscale.train import preemption
@@ -105,6 +105,8 @@ class Stage:
     distributed: bool | Callable[..., bool] = True
     # Bumped when the stage's procedure changes what it writes: its outputs are redone.
     version: int = 1
+    # (TP, PP) of a distributed stage when it is not the config's `launch.*` layout.
+    layout: Callable[..., tuple[int, int]] | None = None
 
 
 @dataclass
@@ -170,6 +172,7 @@ def setup_process(cfg: ExperimentConfig, layout: tuple[int, int] | None = None) 
     a check for a signal that arrived between stages, and the seed."""
     tp, pp = layout or (cfg.launch.tensor_parallel, cfg.launch.pipeline_parallel)
     check_world_size(cfg, world_size())
+    use_model_parallel_layout(tp, pp)
     init_distributed(tp, pp, cfg.seed)
     preemption.install()
     preemption.check("stage start")
@@ -229,7 +232,7 @@ class Runner:
         distributed = stage.distributed(ctx, **kw) if callable(stage.distributed) \
             else stage.distributed
         if distributed:
-            setup_process(cfg)
+            setup_process(cfg, stage.layout(ctx, **kw) if stage.layout is not None else None)
         with atomic_stage(folder, stage.name, h, inputs, collective=stage.collective) as out:
             stage.body(ctx, out, **kw)
         if stage.summary is not None:

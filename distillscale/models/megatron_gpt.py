@@ -48,6 +48,23 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     mtp_random.model_parallel_cuda_manual_seed(seed)
 
 
+def use_model_parallel_layout(tensor_parallel: int, pipeline_parallel: int) -> bool:
+    """Make Megatron's model-parallel groups TP x PP, rebuilding them when another stage of
+    this process set up other sizes (the prune stage runs at TP 1, distillation at launch.*);
+    the torch.distributed process group stays. True when the groups were rebuilt."""
+    # heavy: megatron-core, only where a Megatron model is built or run
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return False
+    now = (parallel_state.get_tensor_model_parallel_world_size(),
+           parallel_state.get_pipeline_model_parallel_world_size())
+    if now == (tensor_parallel, pipeline_parallel):
+        return False
+    parallel_state.destroy_model_parallel()
+    return True
+
+
 def transformer_config(arch: ModelArch, tensor_parallel: int = 1, pipeline_parallel: int = 1):
     # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -9,6 +9,8 @@ import torch
 
 from distillscale.config import StudentTarget
 from distillscale.distill.export import check_hf_export
+from distillscale.launch.allocation import prune_layout
+from distillscale.launch.ranks import world_size
 from distillscale.manifest import StageOutput, input_hash, read_manifest
 from distillscale.models.checkpoint import load_model, save_model
 from distillscale.models.hf_io import save_hf
@@ -93,4 +95,7 @@ STAGE = Stage(
     inputs=lambda ctx, student, step: {"teacher": ctx.paths.teacher, "data": ctx.paths.data,
                                        "source": _source(ctx, student, step)},
     label=lambda ctx, student, step: f"prune {step_label(ctx, student, step)}",
-    check=_check, summary=_summary)
+    check=_check, summary=_summary,
+    # Minitron scores and slices an unsharded model: TP 1, whatever the distill layout
+    # (`launch/allocation.py` prune_layout; the plan shows it next to the distill layout).
+    layout=lambda ctx, student, step: prune_layout(ctx.cfg, world_size())[:2])
