@@ -162,14 +162,15 @@ PRUNE_WEIGHT_BUDGET_GIB = 40.0
 
 
 def teacher_shape(cfg: ExperimentConfig):
-    """(ModelArch, vocab size) of the teacher without loading it: an HF teacher's config.json,
-    the trained teacher's arch.json, else the config's own `teacher.arch` (None if unknown)."""
-    if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
-        return teacher_arch_from_hf(Path(cfg.teacher.hf_path))
+    """(ModelArch, vocab size) of the teacher without loading it: the teacher stage's arch.json
+    once it has run, else an HF teacher's config.json, else None (a scratch teacher not yet
+    trained: the config's own `teacher.arch`)."""
     meta = Path(cfg.run_dir) / "teacher" / "checkpoint" / "arch.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
         return ModelArch.model_validate(m["arch"]), int(m["vocab_size"])
+    if cfg.teacher.source == "hf" and cfg.teacher.hf_path:
+        return teacher_arch_from_hf(Path(cfg.teacher.hf_path))
     return None
 
 
