@@ -76,8 +76,11 @@ def _body(ctx: Context, out: StageOutput) -> None:
             y, pred, y_gold, cfg.eval.bootstrap_samples, cfg.seed, generative, enc.labels)
         per_class += [{"model": name, **r} for r in pc]
         cells += [{"model": name, **r} for r in cm]
+        # On GPU lm-eval runs vLLM: the launch plan's TP for it, the context the models have.
         general, why = evaluate_hf_export(folder / "hf", general_cfg,
-                                          cfg.teacher.source == "scratch")
+                                          cfg.teacher.source == "scratch",
+                                          tensor_parallel=cfg.launch.vllm_tensor_parallel,
+                                          max_model_len=t_arch.seq_length)
         notes.update(why)
         metrics.update({k: {c: v[c] for c in ("value", "ci_low", "ci_high")}
                         for k, v in general.items()})
