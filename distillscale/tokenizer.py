@@ -227,7 +227,7 @@ class ChatPromptEncoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.bos_id = tokenizer.bos_token_id
         self.label_seqs = [tokenizer.encode(n, add_special_tokens=False) for n in labels]
-        # After a trace the class name follows `trace_end` and a space ("Answer: merger").
+        # After a trace the class name follows `trace_end` and a space ("Answer: <class>").
         closer = adapter.trace_end or ""
         lead = " " if closer and not closer[-1].isspace() else ""
         self.trace_label_seqs = [tokenizer.encode(lead + n, add_special_tokens=False)
