@@ -56,8 +56,8 @@ def test_lora_targets_match_the_student_and_not_the_teacher():
 
     student = "decoder.layers.3.self_attention.linear_qkv"
     teacher = "_teacher_model.decoder.layers.3.self_attention.linear_qkv"
-    assert any(wildcard_match(t, student) for t in bridge.LORA_TARGETS)
-    assert not any(wildcard_match(t, teacher) for t in bridge.LORA_TARGETS)
+    assert any(wildcard_match(t, student) for t in bridge.MEGATRON_LORA_TARGETS)
+    assert not any(wildcard_match(t, teacher) for t in bridge.MEGATRON_LORA_TARGETS)
 
 
 def test_vllm_engine_gets_tensor_parallel_and_max_len():
