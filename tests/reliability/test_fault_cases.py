@@ -219,9 +219,10 @@ def test_text_write_on_a_full_disk_leaves_no_partial(tmp_path, monkeypatch, ledg
 
 
 def _run_all_with(monkeypatch, fn):
-    from distillscale import pipeline
+    """`distillscale run` runs `fn` in place of the config's recipe."""
+    from distillscale import cli
 
-    monkeypatch.setattr(pipeline, "run_all", lambda cfg: fn())
+    monkeypatch.setattr(cli, "run_recipe", lambda cfg, name=None: fn())
 
 
 def _diverging():
