@@ -9,14 +9,14 @@ so the test session's TP=1 parallel state is not disturbed.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from gloo_ranks import run_ranks
 
 VOCAB, SEQ = 128, 12  # vocab a multiple of 2 x 64 so no TP padding is added
 
@@ -68,25 +68,9 @@ def _worker(models: Path, out: Path, tp: int, kind: str, alpha: float) -> None:
     torch.distributed.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(models: Path, out: Path, tp: int, kind: str, alpha: float) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(tp):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": str(tp), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "OMP_NUM_THREADS": "1"}
-        args = json.dumps([str(models), str(out), tp, kind, alpha])
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    args = json.dumps([str(models), str(out), tp, kind, alpha])
+    run_ranks([sys.executable, __file__, "--worker", args], world=tp)
 
 
 @pytest.mark.slow

@@ -8,14 +8,14 @@ TP=1 parallel state is not disturbed.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from gloo_ranks import run_ranks
 
 from distillscale.config import ModelArch
 
@@ -45,29 +45,12 @@ def _worker(out: Path) -> None:
     torch.distributed.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tp2_checkpoint_holds_every_shard_and_reloads_at_tp1(tmp_path, megatron):
     from distillscale.models.checkpoint import load_model
     from distillscale.models.megatron_gpt import build_gpt, forward_logits
 
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(str(tmp_path))], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        log = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, log[-3000:]
+    run_ranks([sys.executable, __file__, "--worker", json.dumps(str(tmp_path))], world=2)
 
     ck = tmp_path / "stage" / "checkpoint"
     assert not (ck / "model.pt").exists()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+from gloo_ranks import run_ranks
 
 
 def _worker(out: Path) -> None:
@@ -30,25 +30,8 @@ def _worker(out: Path) -> None:
         (out / "seen.json").write_text(json.dumps(seen))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_model_parallel_groups_follow_each_stages_layout(tmp_path):
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(tmp_path)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        log = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, log[-3000:]
+    run_ranks([sys.executable, __file__, "--worker", str(tmp_path)], world=2)
     # TP 2 (DP 1) for distillation, TP 1 (DP 2) for pruning, and back.
     assert json.loads((tmp_path / "seen.json").read_text()) == [[2, 1], [1, 2], [2, 1]]
 
