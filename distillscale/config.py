@@ -585,10 +585,18 @@ class ExperimentConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
 
+    def section_payload(self, *sections: str) -> dict[str, Any]:
+        """The named config sections as plain JSON values, keyed by section."""
+        return {s: _dump(getattr(self, s)) for s in sections}
+
     def section_hash(self, *sections: str) -> str:
         """Hash of the config sections a stage depends on (its resume key)."""
-        payload = {s: _dump(getattr(self, s)) for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload_hash(self.section_payload(*sections))
+
+
+def payload_hash(payload: dict[str, Any]) -> str:
+    """The 16-hex identity of a JSON payload (key order does not matter)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _dump(value: Any) -> Any:

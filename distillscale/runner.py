@@ -27,18 +27,21 @@ Runs live under `runs/<name>/`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from distillscale.compat.console import stderr_console
-from distillscale.config import ExperimentConfig, ModelArch, StudentTarget, config_to_yaml
+from distillscale.config import (
+    ExperimentConfig,
+    ModelArch,
+    StudentTarget,
+    config_to_yaml,
+    payload_hash,
+)
 from distillscale.domain import Taxonomy, load_taxonomy
 from distillscale.launch.allocation import check_world_size
 from distillscale.launch.ranks import is_rank_zero, wait_for_stage, world_size
@@ -152,19 +155,10 @@ def student_folders(ctx: Context, student: StudentTarget) -> list[tuple[int, Pat
 def identity_hash(cfg: ExperimentConfig, stage: Stage, extra: dict | None = None) -> str:
     """A stage's resume key: the config sections it depends on plus its further identity keys
     (and its version once bumped). The one place a stage identity is hashed."""
-    payload: dict[str, Any] = {s: _dump(getattr(cfg, s)) for s in stage.sections}
-    payload.update(extra or {})
+    payload = {**cfg.section_payload(*stage.sections), **(extra or {})}
     if stage.version != 1:
         payload["stage_version"] = stage.version
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    return value
+    return payload_hash(payload)
 
 
 def setup_process(cfg: ExperimentConfig, layout: tuple[int, int] | None = None) -> None:
