@@ -350,28 +350,20 @@ def _dispatch(args) -> int:
         return _table_command(args)
     cfg = load_config(args.config, args.overrides)
     # heavy: torch and the NVIDIA stack, not needed by `launch plan` on a login node
-    from distillscale import stages
-    from distillscale.runner import Runner
+    from distillscale import pipeline
 
     if args.command == "run":
         run_recipe(cfg, args.recipe)
         return 0
-    run = Runner(cfg)
     if args.command in ("prune", "distill"):
         students = [s for s in cfg.students if args.student in (None, s.name)]
         if not students:
             raise ConfigError(f"{args.config}: students: no student named {args.student!r}")
+        fn = pipeline.run_prune if args.command == "prune" else pipeline.run_distill
         for s in students:  # every step of the schedule up to this stage of the last one
-            steps = run.schedule(s)
-            for step in steps:
-                run(stages.prune, student=s, step=step.index)
-                if args.command == "distill" or step is not steps[-1]:
-                    run(stages.distill, student=s, step=step.index)
-    elif args.command == "teacher":
-        run(stages.teacher)
-        run(stages.supervision)
+            fn(cfg, s)
     else:
-        run({"eval": stages.evaluate}.get(args.command) or getattr(stages, args.command))
+        getattr(pipeline, f"run_{args.command}")(cfg)
     return 0
 
 

@@ -69,23 +69,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "stage":
         # heavy: torch and the NVIDIA stack (`launch plan` runs on login nodes without them)
-        from distillscale import stages
-        from distillscale.runner import Runner
+        from distillscale import pipeline
 
         cfg = load_config(args.config, args.overrides)
-        run = Runner(cfg)
         if args.stage == "eval":
-            for stage in (stages.evaluate, stages.fit, stages.report):
-                run(stage)
+            pipeline.run_eval(cfg)
+            pipeline.run_fit(cfg)
+            pipeline.run_report(cfg)
             if is_rank_zero():
                 mark_done(cfg)
         elif args.stage == "fit" and (cfg.run_dir / "cells").is_dir():
             return _fit_sweep(cfg)
-        elif args.stage == "teacher":
-            run(stages.teacher)
-            run(stages.supervision)
         else:
-            run(getattr(stages, args.stage))
+            getattr(pipeline, f"run_{args.stage}")(cfg)
         return 0
     if cmd == "sweep":
         plan = plan_sweep(args.sweep, args.overrides)
