@@ -98,7 +98,18 @@ def test_a_failed_body_leaves_no_finished_folder(tmp_path):
     assert not (tmp_path / "run" / "toy" / "manifest.json").exists()
 
 
-def test_a_rank_zero_stage_makes_the_other_ranks_wait_for_its_manifest(tmp_path, monkeypatch):
+@pytest.fixture
+def env_ranks(monkeypatch):
+    """The rank comes from `RANK`, as under srun before a process group exists: an in-process
+    Megatron model built by an earlier test leaves a one-rank gloo group that would answer 0."""
+    from distillscale.runtime import ranks
+
+    monkeypatch.setattr(ranks, "_dist", lambda: None)
+    return monkeypatch
+
+
+def test_a_rank_zero_stage_makes_the_other_ranks_wait_for_its_manifest(tmp_path, env_ranks):
+    monkeypatch = env_ranks
     calls = []
     stage = _counting_stage(calls, collective=False)
     cfg = _cfg(tmp_path)
@@ -113,7 +124,8 @@ def test_a_rank_zero_stage_makes_the_other_ranks_wait_for_its_manifest(tmp_path,
     assert Runner(cfg)(stage) == tmp_path / "run" / "toy" and len(calls) == 1
 
 
-def test_a_stage_without_a_folder_runs_on_rank_zero_only(tmp_path, monkeypatch):
+def test_a_stage_without_a_folder_runs_on_rank_zero_only(tmp_path, env_ranks):
+    monkeypatch = env_ranks
     calls = []
     stage = Stage("note", lambda ctx, out: calls.append(out.path))
     monkeypatch.setenv("RANK", "1")
