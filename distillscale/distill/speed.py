@@ -60,12 +60,21 @@ def median_speedup(reference: list[float], other: list[float]) -> float:
     return statistics.median(r / o for r, o in zip(reference, other, strict=True))
 
 
+# The distill stage's speed check times prompts of a task's length, not a real model's whole
+# context (8,192 tokens for SmolLM2: minutes per forward on a laptop), and bounds the tokens of
+# one timed batch (SPEED_TOKENS) so a real model's check costs seconds.
+SPEED_SEQ = 256
+SPEED_TOKENS = 512
+
+
 def student_speed(student_hf: str | Path, teacher_hf: str | Path, batch: int = 8,
                   seq: int | None = None, repeats: int = 7) -> dict[str, float]:
     """Prefill tokens/s of student and teacher (fastest round) and the student's median
-    speedup; `seq` defaults to the teacher's `max_position_embeddings`."""
+    speedup; `seq` defaults to the teacher's `max_position_embeddings` up to SPEED_SEQ, and
+    the batch is cut to at most SPEED_TOKENS tokens (at least one row)."""
     teacher, student = load_hf_causal_lm(teacher_hf), load_hf_causal_lm(student_hf)
-    seq = seq or teacher.config.max_position_embeddings
+    seq = seq or min(teacher.config.max_position_embeddings, SPEED_SEQ)
+    batch = max(1, min(batch, SPEED_TOKENS // seq))
     tokens = random_prompts(teacher.config.vocab_size, batch, seq)
     times = time_rounds({"teacher": teacher, "student": student}, tokens, repeats)
     n = batch * seq

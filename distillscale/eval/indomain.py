@@ -87,63 +87,111 @@ def class_scores_full(model, encoder, rows: list[dict], batch_size: int = 16) ->
     return torch.cat(out) if out else torch.zeros(0, k)
 
 
-# Upper bound on (row, class) continuations scored against one repeated KV cache.
-MAX_CACHED_ROWS = 64
+# Upper bound on the positions whose logits one scoring forward holds.
+MAX_SCORED_POSITIONS = 1024
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix every prompt shares (the chat template's system turn, the
+    task and the class list), at most the shortest prompt minus one token."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
 @torch.no_grad()
 def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 32) -> torch.Tensor:
     """[rows, classes] summed log-likelihood of each class name after the prompt, from a
-    transformers causal LM: one forward over the (left-padded) prompts with a KV cache, whose
-    last position scores every class's first token, then one forward of every class's remaining
-    tokens for every row against that cache repeated per class. Cost: a prompt forward plus a
-    few tokens per class, instead of a full forward per class (`class_scores_full`).
+    transformers causal LM, with one forward per batch of rows:
+    - the prefix every prompt shares (system turn, task, class list) is run once and its KV
+      cache reused by every row;
+    - each row's own prompt tokens and the continuations of every class name are packed into
+      one sequence after that cache, under a tree attention mask: a class's tokens see the
+      prefix, the row's prompt and the earlier tokens of the same class only, at the positions
+      they would have in `prompt + name`;
+    - the LM head runs only where a class token is predicted.
+    Cost: a row's own tokens plus the class names' tokens, instead of a full forward of
+    prompt + name per class (`class_scores_full`, the reference it is tested against).
 
     Written here because lm-eval's loglikelihood requests re-encode the whole context per
-    choice; transformers has the cache but no scorer over a fixed set of continuations."""
+    choice; transformers has the KV cache and custom 4D masks but no scorer over a fixed set
+    of continuations."""
+    import copy
+
+    k = len(encoder.label_seqs)
+    if not rows:
+        return torch.zeros(0, k)
     device = next(hf_model.parameters()).device
+    dtype = next(hf_model.parameters()).dtype
     seqs = encoder.label_seqs
-    k, tail = len(seqs), max(len(s) for s in seqs) - 1
-    # The cache is copied once per class: bound rows x classes per forward (MAX_CACHED_ROWS), so
-    # a few dozen classes on a 30-layer model hold a few hundred MB of cache, not tens of GB.
-    batch_size = max(1, min(batch_size, MAX_CACHED_ROWS // k)) if tail > 0 else batch_size
+    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    n_pre = _common_prefix(prompts)
+    # The packed continuations: class c's input tokens are its name without the last token,
+    # one after the other in the class region.
+    cls_of, t_of = [], []
+    for c, s in enumerate(seqs):
+        cls_of += [c] * (len(s) - 1)
+        t_of += list(range(len(s) - 1))
+    n_cls = len(cls_of)
+    cls_of_t, t_of_t = torch.tensor(cls_of, dtype=torch.long), torch.tensor(t_of, dtype=torch.long)
+    cont = torch.tensor([t for s in seqs for t in s[:-1]], dtype=torch.long)
+    nxt = torch.tensor([[t for s in seqs for t in s[1:]]], dtype=torch.long)  # what each predicts
+    first = torch.tensor([s[0] for s in seqs], dtype=torch.long)
+    # Logits of every scored position are held at once: bound the rows per forward so a batch
+    # holds MAX_SCORED_POSITIONS x vocab floats (~200 MB at a 49k vocabulary).
+    batch_size = max(1, min(batch_size, MAX_SCORED_POSITIONS // (1 + n_cls)))
+    prefix_cache = None
+    if n_pre:
+        prefix_cache = hf_model(input_ids=torch.tensor([prompts[0][:n_pre]], device=device),
+                                use_cache=True, logits_to_keep=1).past_key_values
+    neg = torch.finfo(dtype).min
     out = []
     for i in range(0, len(rows), batch_size):
-        prompts = [encoder.prompt_ids(r["text"]) for r in rows[i : i + batch_size]]
-        b, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((b, width), encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
-        # Explicit positions: with left padding each prompt still starts at position 0.
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        res = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=pos.to(device), use_cache=tail > 0)
-        first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()  # [b, vocab]
-        scores = torch.stack([first[:, s[0]] for s in seqs], 1)  # [b, k]
-        if tail > 0:
-            cache = res.past_key_values
-            cache.batch_repeat_interleave(k)  # row j's cache at rows j*k .. j*k + k - 1
-            cont = torch.full((b * k, tail), encoder.pad_id, dtype=torch.long)
-            for c, s in enumerate(seqs):
-                if len(s) > 1:
-                    cont[c::k, : len(s) - 1] = torch.tensor(s[:-1])
-            lens = torch.tensor([len(p) for p in prompts]).repeat_interleave(k)
-            cpos = lens.unsqueeze(1) + torch.arange(tail).unsqueeze(0)
-            # Right padding of the continuations never reaches an earlier, scored position.
-            cmask = torch.cat([mask.repeat_interleave(k, 0),
-                               torch.ones((b * k, tail), dtype=torch.long)], 1)
-            lp = torch.log_softmax(hf_model(
-                input_ids=cont.to(device), attention_mask=cmask.to(device),
-                position_ids=cpos.to(device), past_key_values=cache,
-                use_cache=False).logits.float(), -1).cpu().view(b, k, tail, -1)
-            for c, s in enumerate(seqs):
-                if len(s) > 1:
-                    nxt = torch.tensor(s[1:])
-                    scores[:, c] += lp[:, c, torch.arange(len(s) - 1), nxt].sum(-1)
+        own = [p[n_pre:] for p in prompts[i : i + batch_size]]
+        b, width = len(own), max(len(p) for p in own)
+        q = width + n_cls
+        # Each row's own tokens are left-padded inside their region, so the last prompt token
+        # (which predicts every class's first token) sits at index width - 1 in every row.
+        ids = torch.full((b, q), encoder.pad_id, dtype=torch.long)
+        pos = torch.zeros((b, q), dtype=torch.long)
+        allow = torch.zeros((b, q, n_pre + q), dtype=torch.bool)
+        allow[:, :, :n_pre] = True  # everything sees the shared prefix
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        eye = torch.eye(width, dtype=torch.bool)
+        same_class = (cls_of_t[:, None] == cls_of_t[None, :]) & (t_of_t[None, :] <= t_of_t[:, None])
+        for j, p in enumerate(own):
+            pad = width - len(p)
+            ids[j, pad:width] = torch.tensor(p)
+            ids[j, width:] = cont
+            pos[j, pad:width] = torch.arange(n_pre, n_pre + len(p))
+            pos[j, width:] = n_pre + len(p) + t_of_t
+            real = torch.zeros(width, dtype=torch.bool)
+            real[pad:] = True
+            # A padding query sees itself: no attention row is empty (an empty one is NaN).
+            allow[j, :width, n_pre : n_pre + width] = (causal & real[None, :]) | eye
+            allow[j, width:, n_pre : n_pre + width] = real[None, :]
+            allow[j, width:, n_pre + width :] = same_class
+        mask = torch.zeros((b, 1, q, n_pre + q), dtype=dtype).masked_fill(~allow[:, None], neg)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(b)
+        keep = torch.cat([torch.tensor([width - 1]), width + torch.arange(n_cls)])
+        logits = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          position_ids=pos.to(device), past_key_values=cache, use_cache=False,
+                          logits_to_keep=keep.to(device)).logits
+        logits = logits.float().cpu()  # [b, 1 + n_cls, vocab]
+        lse = torch.logsumexp(logits, -1)
+        scores = logits[:, 0, first] - lse[:, :1]  # [b, k]: every class's first token
+        scores.index_add_(1, cls_of_t, logits[:, 1:].gather(-1, nxt.expand(b, -1)[..., None])[..., 0]
+                          - lse[:, 1:])
         out.append(scores)
-    return torch.cat(out) if out else torch.zeros(0, k)
+    return torch.cat(out)
 
 
 @torch.no_grad()

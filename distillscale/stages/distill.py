@@ -48,12 +48,17 @@ def _inputs(ctx: Context, student: StudentTarget, step: int) -> dict[str, Path]:
     return inputs
 
 
+def _multi_token(enc) -> bool:
+    return not getattr(enc, "single_token", True)
+
+
 def _accuracy_eval(model, enc, rows):
-    if not getattr(enc, "single_token", True):
-        # Multi-token class names cost a full forward per class on a model in training (no
-        # HF export to cache on yet): the in-training check reads the first 32 rows only; the
-        # eval stage scores every row.
-        rows = rows[:32]
+    """The in-training val check (single-token class names: one forward per batch). None for
+    multi-token names: scored on the model in training they would cost a full forward per class
+    (35 x a 224-token prompt per row for SmolLM2, minutes per check on a laptop); the stage
+    scores the HF export on every val row instead (`_export_val_accuracy`)."""
+    if _multi_token(enc):
+        return None
     idx = {n: i for i, n in enumerate(enc.labels)}
     y = np.array([idx[r["label"]] for r in rows])
 
@@ -133,6 +138,13 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
     # The exported checkpoint must be the trained model (raises beyond tolerance).
     out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
         plain, out.path / "hf", enc.encode(val_rows[:8]).tokens)
+    if _multi_token(enc):
+        # Multi-token class names: the val accuracy of the trained model, scored on its export
+        # with the packed scorer (every val row), after the last step.
+        idx = {n: i for i, n in enumerate(enc.labels)}
+        y = np.array([idx[r["label"]] for r in val_rows])
+        pred = predict_labels(plain, enc, val_rows, hf_dir=out.path / "hf")
+        out.metrics["final_val_accuracy"] = float((pred == y).mean())
     if (p.teacher / "hf" / "config.json").is_file():
         # A pruned student must actually be faster: CPU prefill speed vs the teacher.
         out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))

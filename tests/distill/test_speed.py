@@ -35,10 +35,10 @@ def test_time_rounds_warms_up_then_times_every_model_each_round():
 def test_student_speed_reads_two_hf_exports(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def save(layers, name):
+    def save(layers, name, context=16):
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=layers, num_attention_heads=2,
-                          num_key_value_heads=2, max_position_embeddings=16)
+                          num_key_value_heads=2, max_position_embeddings=context)
         LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
         return tmp_path / name
 
@@ -46,3 +46,7 @@ def test_student_speed_reads_two_hf_exports(tmp_path):
     assert got["speed_seq"] == 16 and got["speed_batch"] == 2  # seq from the teacher's context
     assert got["cpu_tokens_per_s"] > 0 and got["teacher_cpu_tokens_per_s"] > 0
     assert got["cpu_speedup"] > 0
+    # A real model's context (8k for SmolLM2) is not what a task's prompt is: the check times
+    # prompts of SPEED_SEQ tokens in batches of at most SPEED_TOKENS tokens.
+    got = student_speed(save(1, "s"), save(2, "long", context=4096), repeats=2)
+    assert got["speed_seq"] == 256 and got["speed_batch"] == 2

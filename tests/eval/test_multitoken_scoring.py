@@ -59,14 +59,18 @@ def test_cached_scorer_matches_a_full_forward_per_class(qwen3, megatron, monkeyp
             for c, s in enumerate(enc.label_seqs):
                 lp = torch.log_softmax(hf(torch.tensor([p + s])).logits[0].float(), -1)
                 ref[i, c] = sum(lp[len(p) - 1 + j, t] for j, t in enumerate(s))
-    # One row per forward (the memory bound at 35 classes), then batches of two rows of
-    # different prompt lengths: left padding and cache repetition.
-    cached = class_scores_cached(hf, enc, rows, batch_size=2)
-    assert torch.allclose(cached, ref, atol=1e-4), (cached - ref).abs().max()
     from distillscale.eval import indomain
 
-    monkeypatch.setattr(indomain, "MAX_CACHED_ROWS", 10_000)
-    cached = class_scores_cached(hf, enc, rows, batch_size=2)
+    # One row per forward (the logits bound at 35 classes), then rows of different prompt
+    # lengths in one forward (padding inside the packed sequence, the prefix cache repeated),
+    # then with no shared prefix at all (no cache: the whole prompt in the packed sequence).
+    for bound, batch in ((indomain.MAX_SCORED_POSITIONS, 2), (10_000, 2), (10_000, 3)):
+        monkeypatch.setattr(indomain, "MAX_SCORED_POSITIONS", bound)
+        cached = class_scores_cached(hf, enc, rows, batch_size=batch)
+        assert torch.allclose(cached, ref, atol=1e-4), (bound, batch, (cached - ref).abs().max())
+    assert indomain._common_prefix([enc.prompt_ids(r["text"]) for r in rows]) > 20
+    monkeypatch.setattr(indomain, "_common_prefix", lambda prompts: 0)
+    cached = class_scores_cached(hf, enc, rows, batch_size=3)
     assert torch.allclose(cached, ref, atol=1e-4), (cached - ref).abs().max()
     model, _, _ = load_hf(qwen3)
     full = class_scores_full(model, enc, rows, batch_size=2)
