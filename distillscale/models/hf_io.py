@@ -34,6 +34,7 @@ from distillscale.compat.cpu import activate, cuda_available, real_transformer_e
 from distillscale.config import ModelArch
 from distillscale.manifest import replace_dir
 from distillscale.models.megatron_gpt import init_distributed
+from distillscale.models.shape import MODEL_TYPES
 
 # HF families `save_hf` can write: (architecture, megatron qk_layernorm, megatron add_qkv_bias).
 _FAMILIES = {
@@ -266,19 +267,6 @@ def save_hf(model, arch: ModelArch, vocab_size: int, out_dir: str | Path, tokeni
 
 
 # -------------------------------------------------------------------------------------- load
-
-# HF model types read as a ModelArch, and the family their checkpoints (and every pruned
-# student's) are written back as. Mistral without sliding-window attention is Llama's math and
-# weight layout, so its students are written as Llama.
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
-def hf_family(arch: ModelArch) -> str:
-    """The HF family `save_hf` writes a model of this arch as."""
-    if arch.qk_layernorm and arch.add_qkv_bias:
-        raise NotImplementedError("QK layernorm together with QKV bias has no HF family here")
-    return "qwen3" if arch.qk_layernorm else "qwen2" if arch.add_qkv_bias else "llama"
-
 
 def _hf_rope(cfg) -> tuple[float, dict | None]:
     """(rope theta, scaling in HF's encoding or None) from a transformers config: transformers 5

@@ -8,7 +8,7 @@ import bisect
 from typing import Literal
 
 from distillscale.config import ModelArch
-from distillscale.models.shape import arch_params
+from distillscale.models.shape import arch_params, hf_family
 
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads")
 DEPTH_KEYS = ("num_layers",)
@@ -47,8 +47,23 @@ def check_target(
             f"num_attention_heads={heads} must be a multiple of num_query_groups="
             f"{arch.num_query_groups} (query groups are not pruned by ModelOpt since 0.41)"
         )
+    hidden, heads = target.get("hidden_size", arch.hidden_size), target.get(
+        "num_attention_heads", arch.num_attention_heads)
+    if (isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+            and not _exportable(arch, hidden, heads)):
+        problems.append(
+            f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} "
+            "(transformers' LlamaConfig requires it of the student's HF export)")
     if problems:
         raise ValueError("invalid pruning target " + str(target) + ": " + "; ".join(problems))
+
+
+def _exportable(arch: ModelArch, hidden: int, heads: int) -> bool:
+    """Whether a student of this hidden size and head count can be written as an HF checkpoint
+    of the teacher's family: transformers' LlamaConfig (Llama, Mistral, scratch teachers) refuses
+    a hidden size that is not a multiple of the head count, even with an explicit head_dim;
+    Qwen2 and Qwen3 do not check it."""
+    return hf_family(arch) != "llama" or hidden % heads == 0
 
 
 def pruned_arch(arch: ModelArch, target: dict[str, int]) -> ModelArch:
@@ -72,7 +87,8 @@ def choose_shape(
     """A valid pruning target whose parameter count is closest to `ratio` x the teacher's.
 
     width: hidden_size in multiples of its divisor, ffn_hidden_size in multiples of its divisor,
-    num_attention_heads in multiples of num_query_groups (head dim fixed). Among the shapes within
+    num_attention_heads in multiples of num_query_groups (head dim fixed), and for a Llama-family
+    export hidden_size a multiple of the head count (`_exportable`). Among the shapes within
     1% of the teacher's parameters of the best match:
       head_policy="scale" (default): the shape shrinking hidden, ffn and attention heads most evenly
         wins. Attention cost per token grows with heads x head_dim and (for the score and value
@@ -118,6 +134,8 @@ def choose_shape(
     cands = []
     for h in hiddens:
         for n in heads:
+            if not _exportable(arch, h, n):
+                continue
             # Parameters are linear in ffn_hidden_size: only the ffn sizes around the exact
             # solution can be closest (keeps the search small for large teachers).
             p1, p2 = (arch_params(_shape(arch, h, f, n), vocab_size) for f in (ffns[0], ffns[-1]))

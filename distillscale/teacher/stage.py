@@ -40,7 +40,8 @@ from distillscale.knowledge.general import (
 )
 from distillscale.manifest import write_text_atomic
 from distillscale.models.checkpoint import load_model, save_model
-from distillscale.models.hf_io import hf_family, load_hf, save_hf
+from distillscale.models.hf_io import load_hf, save_hf
+from distillscale.models.shape import hf_family
 from distillscale.models.megatron_gpt import build_gpt, count_params, forward_logits
 from distillscale.teacher.adapters import load_adapter
 from distillscale.teacher.backends import make_backend

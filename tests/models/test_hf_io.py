@@ -236,7 +236,8 @@ def test_load_hf_checkpoint_and_export_back(mg, tmp_path, family):
 def test_arch_from_hf_config_reads_each_family(tmp_path):
     import transformers
 
-    from distillscale.models.hf_io import arch_from_hf_config, hf_family
+    from distillscale.models.hf_io import arch_from_hf_config
+    from distillscale.models.shape import hf_family
 
     for family, (cls_name, extra, feature) in HUB_FAMILIES.items():
         cfg = getattr(transformers, cls_name)(

@@ -241,6 +241,29 @@ def test_choose_shape_scale_shrinks_heads_with_width(ratio):
         choose_shape(ARCH, 8, "width", ratio, 16, 32, head_policy="all")
 
 
+# SmolLM2-135M's shape: 9 heads in 3 query groups, head dim 64, tied embeddings.
+SMOLLM2 = ModelArch(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
+                    num_query_groups=3, kv_channels=64, seq_length=8192, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("policy", ["scale", "keep"])
+def test_llama_students_keep_hidden_a_multiple_of_their_heads(policy):
+    # transformers' LlamaConfig refuses hidden % heads != 0 even with an explicit head_dim: a
+    # width student of a 9-head Llama must keep it or its HF export fails after pruning.
+    for ratio in (0.79, 0.58, 0.37, 0.16):
+        target, _ = choose_shape(SMOLLM2, 49152, "width", ratio, 64, 64, head_policy=policy)
+        hidden = target.get("hidden_size", 576)
+        heads = target.get("num_attention_heads", 9)
+        assert hidden % heads == 0, (ratio, target)
+        check_target(SMOLLM2, target, hidden_size_divisor=64, ffn_hidden_size_divisor=64)
+    with pytest.raises(ValueError, match="hidden_size=512 must be a multiple of "
+                                         "num_attention_heads=9"):
+        check_target(SMOLLM2, {"hidden_size": 512}, hidden_size_divisor=64)
+    # Qwen3 (QK layernorm) does not check it: the same target is valid there.
+    check_target(SMOLLM2.model_copy(update={"qk_layernorm": True}), {"hidden_size": 512},
+                 hidden_size_divisor=64)
+
+
 def test_choose_shape_depth():
     teacher = arch_params(ARCH, VOCAB)
     for ratio in (0.79, 0.58, 0.37, 0.16):
