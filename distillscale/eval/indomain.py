@@ -15,6 +15,7 @@ confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resample
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -121,8 +122,6 @@ def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 3
     Written here because lm-eval's loglikelihood requests re-encode the whole context per
     choice; transformers has the KV cache and custom 4D masks but no scorer over a fixed set
     of continuations."""
-    import copy
-
     k = len(encoder.label_seqs)
     if not rows:
         return torch.zeros(0, k)
