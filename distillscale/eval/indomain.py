@@ -16,6 +16,7 @@ confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resample
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import numpy as np
@@ -35,8 +36,7 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
     with `hf_dir` (the model's HF export) by `class_scores_cached` (one prompt forward, every
     continuation on the cached prefix), else by `class_scores_full` on `model`.
     """
-    if not getattr(encoder, "single_token", True) or any(
-            len(s) > 1 for s in getattr(encoder, "label_seqs", [])):
+    if multi_token(encoder):
         if hf_dir is not None:
             return class_scores_cached(_hf_model(hf_dir), encoder, rows, batch_size).argmax(-1).numpy()
         return class_scores_full(model, encoder, rows, max(batch_size // len(encoder.labels), 1)
@@ -50,6 +50,20 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
         at_answer = logits[torch.arange(len(b.answer_pos)), b.answer_pos]
         preds.append(at_answer[:, class_ids].argmax(-1))
     return torch.cat(preds).numpy()
+
+
+def multi_token(encoder) -> bool:
+    """Whether some class name spans several tokens (a pretrained teacher's tokenizer)."""
+    return not getattr(encoder, "single_token", True) or any(
+        len(s) > 1 for s in getattr(encoder, "label_seqs", []))
+
+
+def label_accuracy(model, encoder, rows: list[dict], hf_dir=None) -> float:
+    """Label-constrained accuracy of `model` on `rows` (`predict_labels`, on `hf_dir`'s export
+    when given)."""
+    index = {n: i for i, n in enumerate(encoder.labels)}
+    y = np.array([index[r["label"]] for r in rows])
+    return float((predict_labels(model, encoder, rows, hf_dir=hf_dir) == y).mean())
 
 
 def _hf_model(hf_dir):
@@ -95,14 +109,8 @@ MAX_SCORED_POSITIONS = 1024
 def _common_prefix(prompts: list[list[int]]) -> int:
     """Length of the token prefix every prompt shares (the chat template's system turn, the
     task and the class list), at most the shortest prompt minus one token."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for p in prompts[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
+    # os.path.commonprefix compares element by element: it works on token-id lists too.
+    return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
 
 
 @torch.no_grad()
@@ -149,6 +157,8 @@ def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 3
         prefix_cache = hf_model(input_ids=torch.tensor([prompts[0][:n_pre]], device=device),
                                 use_cache=True, logits_to_keep=1).past_key_values
     neg = torch.finfo(dtype).min
+    # A class token sees its own class's earlier tokens (and itself), no other class's.
+    same_class = (cls_of_t[:, None] == cls_of_t[None, :]) & (t_of_t[None, :] <= t_of_t[:, None])
     out = []
     for i in range(0, len(rows), batch_size):
         own = [p[n_pre:] for p in prompts[i : i + batch_size]]
@@ -162,7 +172,6 @@ def class_scores_cached(hf_model, encoder, rows: list[dict], batch_size: int = 3
         allow[:, :, :n_pre] = True  # everything sees the shared prefix
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         eye = torch.eye(width, dtype=torch.bool)
-        same_class = (cls_of_t[:, None] == cls_of_t[None, :]) & (t_of_t[None, :] <= t_of_t[:, None])
         for j, p in enumerate(own):
             pad = width - len(p)
             ids[j, pad:width] = torch.tensor(p)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from distillscale.config import StudentTarget
 from distillscale.distill.bridge import distill_bridge, select_backend
 from distillscale.distill.export import check_hf_export
@@ -24,7 +22,7 @@ from distillscale.distill.logit_kd import (
 )
 from distillscale.distill.lora_kd import lora_distill_megatron
 from distillscale.distill.speed import student_speed
-from distillscale.eval.indomain import predict_labels
+from distillscale.eval.indomain import label_accuracy, multi_token
 from distillscale.manifest import StageOutput
 from distillscale.models.checkpoint import load_model, save_model
 from distillscale.models.hf_io import save_hf
@@ -48,22 +46,16 @@ def _inputs(ctx: Context, student: StudentTarget, step: int) -> dict[str, Path]:
     return inputs
 
 
-def _multi_token(enc) -> bool:
-    return not getattr(enc, "single_token", True)
-
-
 def _accuracy_eval(model, enc, rows):
     """The in-training val check (single-token class names: one forward per batch). None for
     multi-token names: scored on the model in training they would cost a full forward per class
     (35 x a 224-token prompt per row for SmolLM2, minutes per check on a laptop); the stage
-    scores the HF export on every val row instead (`_export_val_accuracy`)."""
-    if _multi_token(enc):
+    scores the HF export on every val row after training instead (`final_val_accuracy`)."""
+    if multi_token(enc):
         return None
-    idx = {n: i for i, n in enumerate(enc.labels)}
-    y = np.array([idx[r["label"]] for r in rows])
 
     def fn(step: int) -> dict:
-        return {"val_accuracy": float((predict_labels(model, enc, rows) == y).mean())}
+        return {"val_accuracy": label_accuracy(model, enc, rows)}
 
     return fn
 
@@ -138,13 +130,11 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
     # The exported checkpoint must be the trained model (raises beyond tolerance).
     out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
         plain, out.path / "hf", enc.encode(val_rows[:8]).tokens)
-    if _multi_token(enc):
+    if multi_token(enc):
         # Multi-token class names: the val accuracy of the trained model, scored on its export
         # with the packed scorer (every val row), after the last step.
-        idx = {n: i for i, n in enumerate(enc.labels)}
-        y = np.array([idx[r["label"]] for r in val_rows])
-        pred = predict_labels(plain, enc, val_rows, hf_dir=out.path / "hf")
-        out.metrics["final_val_accuracy"] = float((pred == y).mean())
+        out.metrics["final_val_accuracy"] = label_accuracy(plain, enc, val_rows,
+                                                           hf_dir=out.path / "hf")
     if (p.teacher / "hf" / "config.json").is_file():
         # A pruned student must actually be faster: CPU prefill speed vs the teacher.
         out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))

@@ -29,7 +29,7 @@ from distillscale.config import ExperimentConfig
 from distillscale.data.build import read_jsonl
 from distillscale.distill.export import check_hf_export
 from distillscale.domain import Taxonomy
-from distillscale.eval.indomain import predict_labels
+from distillscale.eval.indomain import label_accuracy
 from distillscale.knowledge.general import (
     build_facts,
     country_lookup,
@@ -41,8 +41,8 @@ from distillscale.knowledge.general import (
 from distillscale.manifest import write_text_atomic
 from distillscale.models.checkpoint import load_model, save_model
 from distillscale.models.hf_io import load_hf, save_hf
-from distillscale.models.shape import hf_family
 from distillscale.models.megatron_gpt import build_gpt, count_params, forward_logits
+from distillscale.models.shape import hf_family
 from distillscale.teacher.adapters import load_adapter
 from distillscale.teacher.backends import make_backend
 from distillscale.teacher.generate import (
@@ -158,8 +158,6 @@ def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
         history = json.loads(done_marker.read_text())["history"]
     else:
         model = build_gpt(arch, vocab)
-        index = {n: i for i, n in enumerate(encoder.labels)}
-        y_val = np.array([index[r["label"]] for r in val_rows])
 
         def loss_fn(idx, step):
             m = lm_mask[idx]
@@ -176,8 +174,7 @@ def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
             return lm + ans, {"answer_ce": float(ans.detach()), "lm": float(lm.detach())}
 
         def eval_fn(step):
-            pred = predict_labels(model, encoder, val_rows)
-            return {"val_accuracy": float((pred == y_val).mean())}
+            return {"val_accuracy": label_accuracy(model, encoder, val_rows)}
 
         result = train(model, list(model.parameters()), loss_fn, tokens.shape[0],
                        cfg.teacher.train, cfg.seed, out / "checkpoints" / "last.pt", "teacher",
@@ -288,9 +285,7 @@ def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     # The imported Megatron model must be the checkpoint: logits against transformers'.
     encoder = make_encoder(tok, taxonomy.labels, arch.seq_length, adapter, taxonomy.task)
     diff = check_hf_export(model, out / "hf", encoder.encode(val_rows[:4]).tokens)
-    index = {n: i for i, n in enumerate(taxonomy.labels)}
-    y = np.array([index[r["label"]] for r in val_rows])
-    pred = predict_labels(model, encoder, val_rows, hf_dir=out / "hf")
+    val_accuracy = label_accuracy(model, encoder, val_rows, hf_dir=out / "hf")
     return {
         "source": "hf", "hf_path": str(src), "hf_family": hf_family(arch),
         "hf_config": json.loads((src / "config.json").read_text()),
@@ -298,7 +293,7 @@ def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
         "vocab_size": vocab, "chat_template": tok.chat_template,
         "class_name_tokens": {n: len(s) for n, s in zip(taxonomy.labels, encoder.label_seqs)},
         "hf_max_abs_logit_diff": diff,
-        "final_val_accuracy": float((pred == y).mean()), "val_rows": len(val_rows),
+        "final_val_accuracy": val_accuracy, "val_rows": len(val_rows),
         "ignored_settings": scratch_only_settings(cfg),
     }
 

@@ -27,8 +27,8 @@ def cfg(tmp_path):
 
 def test_teacher_arch_and_student_plans_from_config_json(cfg):
     from distillscale.models.hf_io import arch_from_hf_config
-    from distillscale.models.shape import hf_family
     from distillscale.models.megatron_gpt import arch_params
+    from distillscale.models.shape import hf_family
     from distillscale.pipeline import student_steps
 
     arch, vocab = arch_from_hf_config(cfg.teacher.hf_path)
