@@ -31,7 +31,7 @@ help:
 	@echo "make smollm2      SmolLM2-135M-Instruct (dequantized Q4_1 GGUF) as an HF folder in $(SMOLLM2_DIR)"
 	@echo "make test         install dev extras and run the test suite (slow end-to-end tests included)"
 	@echo "make test-fast    unit tests only"
-	@echo "make test-long-e2e  the long end-to-end matrices (every paper concept, HF teacher families)"
+	@echo "make test-long-e2e  the long end-to-end matrices alone (every paper concept, HF teacher families)"
 	@echo "make test-reliability  bad inputs and faults; ends with 'reliability: cases=N ... tracebacks=0 unaccounted_rows=0'"
 	@echo "make lint-shell   shellcheck the launchers (installs shellcheck from Debian if missing)"
 	@echo "make gpu-wheels   the wheels tools/gpu_check.sh installs on a GPU machine without a registry"
@@ -68,10 +68,11 @@ smollm2: $(STAMP)
 	  --file SmolLM2-135M-Instruct.Q4_1.gguf --out $(SMOLLM2_DIR)
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q --timeout=1800 -m "not long_e2e"
+	$(PY) -m pytest -q --timeout=1800
 
-# The long end-to-end matrices (tests marked long_e2e): every method x format x logit source x
-# schedule x axis x loss through `distillscale run`, HF teacher families, the fused head.
+# The long end-to-end matrices alone (tests marked long_e2e, also part of `make test`): every
+# method x format x logit source x schedule x axis x loss through `distillscale run`, the HF
+# teacher families, the fused head.
 test-long-e2e: $(DEV_STAMP)
 	$(PY) -m pytest -q --timeout=3600 -m long_e2e
 
