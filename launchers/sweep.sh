@@ -39,7 +39,9 @@ if [[ "${LOCAL}" == 1 && "${DRY_RUN}" == 0 ]]; then
   # cell, then the sweep's fit and report (the stack's start-up is paid once, not per cell).
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NEMO_TELEMETRY_ENABLED=false TOKENIZERS_PARALLELISM=false
   cd "${DS_REPO}"
-  exec "${PY}" -m distillscale.cli launch sweep "${SWEEP}" --run-here -- "${OVERRIDES[@]}"
+  # --run-here before the positionals: argparse matches the sweep path and the (possibly empty)
+  # overrides in one go, and a lone `--` after an option between them was "unrecognized".
+  exec "${PY}" -m distillscale.cli launch sweep --run-here "${SWEEP}" -- "${OVERRIDES[@]}"
 fi
 if ! PLAN="$(cd "${DS_REPO}" && "${PY}" -m distillscale.cli launch sweep "${SWEEP}" -- "${OVERRIDES[@]}")"; then
   echo "error: sweep.sh: the sweep was refused (message above); nothing was submitted" >&2

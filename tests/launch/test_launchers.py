@@ -300,6 +300,23 @@ def test_sweep_local_runs_the_same_chain_in_order(tmp_path):
     assert "sbatch" not in res.stdout + res.stderr
 
 
+def test_sweep_local_passes_a_command_line_the_cli_accepts(tmp_path):
+    # The python sweep.sh --local execs parses its arguments with the real CLI parser and stops
+    # there (running the sweep is the end-to-end tests' business).
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\nshift 2\nexec %s -c 'import sys; from distillscale.cli import "
+                    "_parser; a = _parser().parse_args(sys.argv[1:]); "
+                    "print(\"parsed\", a.run_here, a.overrides)' \"$@\"\n"
+                    % (REPO / ".venv" / "bin" / "python"))
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DISTILLSCALE_PYTHON": str(fake)}
+    sweep = str(_sweep_file(tmp_path))
+    assert launch("sweep.sh", "--local", "--sweep", sweep, env=env).stdout.strip() == \
+        "parsed True []"
+    res = launch("sweep.sh", "--local", "--sweep", sweep, "seed=3", env=env)
+    assert res.stdout.strip() == "parsed True ['seed=3']"
+
+
 def test_data_job_sizes_gpus_by_its_served_generator(fake_slurm):
     served = ["data.generator=designer", "data.llm.endpoint=serve", "data.llm.model=/models/gen",
               "data.llm.serve_tensor_parallel=4", "launch.gpus_per_node=8"]
