@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 from distillscale.compat.console import stderr_console
-from distillscale.config import FitConfig, load_config
+from distillscale.config import load_config
 from distillscale.domain import load_taxonomy
 from distillscale.launch.allocation import KINDS, plan_launch
 from distillscale.launch.ranks import is_rank_zero
@@ -114,6 +114,8 @@ def _fit_sweep(cfg) -> int:
     table = collect_results(cfg.run_dir)
     classes = len(load_taxonomy(cfg.domain.taxonomy).classes)
     fit_dir = cfg.run_dir / "fit"
-    print(fit_or_report_table("fit", table, fit_dir, FitConfig(), classes))
-    print(fit_or_report_table("report", table, cfg.run_dir, FitConfig(), classes, fit_dir))
+    # The sweep's own `fit:` settings (its base experiment plus its overrides), as a run's fit
+    # stage uses them.
+    print(fit_or_report_table("fit", table, fit_dir, cfg.fit, classes))
+    print(fit_or_report_table("report", table, cfg.run_dir, cfg.fit, classes, fit_dir))
     return 0

@@ -124,3 +124,26 @@ def test_paper_grid_has_the_papers_chain_and_shares_upstreams_across_formats(tmp
     for c in plan["cells"][:3]:
         for stage in ("data", "teacher", "supervision"):
             assert (Path(c["dir"]) / stage).is_symlink()
+
+
+def test_sweep_fit_uses_the_sweeps_fit_settings(tmp_path):
+    import json
+
+    from distillscale.launch.commands import _fit_sweep
+
+    root = tmp_path / "sweep"
+    points = [("teacher", 1.0, 0.95), ("s8", 0.8, 0.9), ("s6", 0.6, 0.8), ("s4", 0.4, 0.6),
+              ("s2", 0.2, 0.3)]
+    for name, ratio, value in points:
+        (root / "cells" / name / "eval").mkdir(parents=True)
+        rows = [_results(m, r, v).assign(metric=metric, value=v * scale,
+                                          ci_low=v * scale - 0.05, ci_high=v * scale + 0.05)
+                for m, r, v in (("teacher", 1.0, 0.95), (name, ratio, value))
+                for metric, scale in (("macro_f1", 1.0), ("accuracy", 1.02))]
+        pd.concat(rows).to_parquet(root / "cells" / name / "eval" / "results.parquet")
+        (root / "cells" / name / DONE_MARKER).write_text("{}")
+    cfg = load_config(QUICKSTART, [f"output_dir={root}", "fit.metrics=[accuracy]",
+                                   "fit.bootstrap_samples=5"])
+    assert _fit_sweep(cfg) == 0
+    fitted = {r["metric"] for r in json.loads((root / "fit" / "fits.json").read_text())}
+    assert fitted == {"accuracy"}, fitted
