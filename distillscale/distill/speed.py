@@ -53,6 +53,50 @@ def time_rounds(models: dict, tokens: torch.Tensor, repeats: int,
     return times
 
 
+def time_generation_rounds(models: dict, prompt: torch.Tensor, new_tokens: int,
+                           repeats: int) -> dict[str, list[float]]:
+    """Seconds each model takes to generate exactly `new_tokens` tokens greedily after `prompt`
+    (batch 1 as a rule: one user's request), with its KV cache, per round, after one warm-up
+    each; models round-robin as in `time_rounds`."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    mask = torch.ones_like(prompt)
+
+    def run(model):
+        # min = max new tokens and no stop token: every model produces the same token count.
+        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=0, use_cache=True)
+        if out.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, "
+                               f"not {new_tokens}")
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            run(model)
+        for _ in range(repeats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                run(model)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def non_embedding_params(model) -> int:
+    """Parameters outside the input embedding and an untied LM head: the part a width or depth
+    pruning step shrinks in proportion (a tied embedding is counted once, as embedding)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    skip = emb.numel()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        skip += out.weight.numel()
+    return total - skip
+
+
 def median_speedup(reference: list[float], other: list[float]) -> float:
     """Median over rounds of reference time / other time (> 1: `other` is faster)."""
     if len(reference) != len(other) or not reference:

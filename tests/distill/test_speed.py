@@ -50,3 +50,60 @@ def test_student_speed_reads_two_hf_exports(tmp_path):
     # prompts of SPEED_SEQ tokens in batches of at most SPEED_TOKENS tokens.
     got = student_speed(save(1, "s"), save(2, "long", context=4096), repeats=2)
     assert got["speed_seq"] == 256 and got["speed_batch"] == 2
+
+
+def _llama(path, layers, hidden=32, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=16, tie_word_embeddings=tie)
+    torch.manual_seed(layers)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_generation_rounds_make_exactly_the_tokens_asked_for(tmp_path):
+    from distillscale.distill.speed import (
+        load_hf_causal_lm,
+        non_embedding_params,
+        time_generation_rounds,
+    )
+
+    models = {"t": load_hf_causal_lm(_llama(tmp_path / "t", 2)),
+              "s": load_hf_causal_lm(_llama(tmp_path / "s", 1, tie=True))}
+    times = time_generation_rounds(models, torch.ones(1, 5, dtype=torch.long), 6, repeats=2)
+    assert {k: len(v) for k, v in times.items()} == {"t": 2, "s": 2}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    # Untied: embedding and head both left out; tied: the shared matrix once.
+    t, s = models["t"], models["s"]
+    assert non_embedding_params(t) == sum(p.numel() for p in t.parameters()) - 2 * 64 * 32
+    assert non_embedding_params(s) == sum(p.numel() for p in s.parameters()) - 64 * 32
+    with pytest.raises(ValueError, match="new_tokens"):
+        time_generation_rounds(models, torch.ones(1, 2, dtype=torch.long), 0, repeats=1)
+
+
+def test_bench_student_speed_reports_both_modes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    _llama(run / "teacher" / "hf", 2)
+    _llama(run / "students" / "d" / "pruned" / "hf", 1)
+    repo = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, str(repo / "tools" / "bench_student_speed.py"), "--run", str(run),
+         "--stage", "pruned", "--batch", "2", "--seq", "8", "--repeats", "2",
+         "--gen-prompt", "4", "--new-tokens", "3", "--gen-repeats", "2"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    last = dict(kv.split("=") for kv in res.stdout.strip().splitlines()[-1].split())
+    assert set(last) == {f"{m}_min_speedup_over_{k}_ratio" for m in ("prefill", "generate")
+                         for k in ("param", "nonemb")}
+    assert all(float(v) > 0 for v in last.values())
+    speed = json.loads((run / "speed.json").read_text())
+    assert speed["stage"] == "pruned"
+    assert [r["model"] for r in speed["generate"]["rows"]] == ["teacher", "d"]
+    assert speed["prefill"]["rows"][1]["param_ratio"] > 1
