@@ -120,6 +120,9 @@ def _add_domain_parser(sub) -> None:
     c.add_argument("--rows", type=int, default=2000,
                    help="rows generated for the separability check (balanced)")
     c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--second-event-rate", type=float, default=0.0, metavar="RATE",
+                   help="generate the rows as data.second_event_rate=RATE does: that share of "
+                        "headlines goes on to mention a second event (labelled by the first)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-separability", action="store_true", help="skip the TF-IDF baseline")
     c.add_argument("--data", type=Path,
@@ -160,9 +163,16 @@ def _domain_command(args) -> int:
 
     if args.domain_command == "draft":
         return draft_command(args)
+    if not 0 <= args.second_event_rate <= 1:
+        raise ConfigError(f"command line: --second-event-rate must be from 0 to 1 "
+                          f"(got {args.second_event_rate:g})")
+    if args.second_event_rate > 0 and args.data is not None:
+        raise ConfigError("command line: --second-event-rate shapes generated rows; it does "
+                          "not apply to --data")
     report = check_domain(args.taxonomy, rows=args.rows, seed=args.seed, folds=args.folds,
                           separability_check=not args.no_separability, data=args.data,
-                          text_column=args.text_column, label_column=args.label_column)
+                          text_column=args.text_column, label_column=args.label_column,
+                          second_event_rate=args.second_event_rate)
     print(format_report(report))
     if args.json is not None:
         write_json_atomic(args.json, report.to_dict())

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -123,6 +124,13 @@ class DataConfig(Strict):
     target_distribution: Literal["natural", "balanced"] = "natural"
     # Floor so that rare classes still reach the test split in small samples.
     min_per_class: Annotated[int, Field(ge=0)] = 20
+    # `templates` only: the share of headlines that go on to mention a second event of another
+    # class ("<primary>; <second>", "<primary> as <second>", ...; from the classes the
+    # taxonomy's `confusable_with` pairs it with, else any). label and gold_label stay the
+    # primary event, the one written first: word order carries the answer, which a bag of
+    # words cannot read. 0: none, the generator draws exactly as before the key existed.
+    # docs/domains.md measures the rates.
+    second_event_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
     # --- the `designer` recipe (distillscale/data/recipe.py) ---
@@ -163,7 +171,20 @@ class DataConfig(Strict):
             raise ValueError("data.generator=file needs data.source_path")
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
+        if self.second_event_rate > 0 and self.generator != "templates":
+            raise ValueError(f"data.second_event_rate applies to data.generator=templates "
+                             f"(the {self.generator} generator writes one event per row)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_second_event_rate_when_off(self, handler):
+        # Off, second_event_rate is left out of dumps: the data stage's identity (and a sweep's
+        # upstream hash) of a config that does not set it stays what it was before the key
+        # existed, as do its data, so cached runs stay up to date.
+        out = handler(self)
+        if self.second_event_rate == 0:
+            out.pop("second_event_rate", None)
+        return out
 
 
 class ModelArch(Strict):

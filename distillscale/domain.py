@@ -56,6 +56,10 @@ class EventClass(BaseModel):
     templates: list[str] = Field([], description=(
         "Phrasings of the class for the offline generators, with `{slot}` references filled "
         "from `slots`. Required (at least one) unless the taxonomy is `for_import_only`."))
+    confusable_with: list[str] = Field([], description=(
+        "Classes whose events a headline of this class is easily confused with (either way "
+        "round: listing a pair once is enough). The template generator's second event "
+        "(`data.second_event_rate`) is drawn from them; unset, from any other class."))
 
 
 class RangeSlot(BaseModel):
@@ -197,6 +201,15 @@ class Taxonomy(BaseModel):
                 if missing:
                     problems.append(f"classes.{i}.templates.{j}: template {t!r} uses undefined "
                                     f"slots {missing}")
+            for j, other in enumerate(c.confusable_with):
+                if other == c.name:
+                    problems.append(f"classes.{i}.confusable_with.{j}: class {c.name} lists "
+                                    "itself (name the other classes it is confused with)")
+                elif other not in names:
+                    close = difflib.get_close_matches(other, names, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    problems.append(f"classes.{i}.confusable_with.{j}: {other!r} is not a "
+                                    f"class{hint}")
             for j, a in enumerate(c.aliases):
                 key = norm_label(a)
                 if key in owner and owner[key] != c.name:
@@ -228,6 +241,13 @@ class Taxonomy(BaseModel):
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def confusable(self, name: str) -> list[str]:
+        """The classes `name` is declared confusable with, in either direction, in class
+        order; empty when no class declares a pair with it."""
+        own = set(self.by_name(name).confusable_with)
+        return [c.name for c in self.classes
+                if c.name != name and (c.name in own or name in c.confusable_with)]
 
     def label_lookup(self) -> dict[str, str]:
         """Folded name or alias -> class name. A class's own name wins over another class's

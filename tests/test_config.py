@@ -114,3 +114,18 @@ def test_section_hash_tracks_only_its_sections(tmp_path):
     b = load_config(p, ["distill.train.steps=3"])
     assert a.section_hash("teacher") == b.section_hash("teacher")
     assert a.section_hash("distill") != b.section_hash("distill")
+
+
+def test_second_event_rate_off_keeps_the_data_identity_and_needs_the_template_generator():
+    plain = load_config(QUICKSTART)
+    off = load_config(QUICKSTART, ["data.second_event_rate=0"])
+    on = load_config(QUICKSTART, ["data.second_event_rate=0.4"])
+    # off, the key is not in the dump: the data stage's identity is the one from before the key
+    assert "second_event_rate" not in off.section_payload("data")["data"]
+    assert off.section_hash("domain", "data", "seed") == plain.section_hash("domain", "data", "seed")
+    assert on.section_payload("data")["data"]["second_event_rate"] == 0.4
+    assert on.section_hash("domain", "data", "seed") != plain.section_hash("domain", "data", "seed")
+    with pytest.raises(ConfigError, match="second_event_rate applies to data.generator=templates"):
+        load_config(QUICKSTART, ["data.second_event_rate=0.4", "data.generator=designer"])
+    with pytest.raises(ConfigError, match="data.second_event_rate: .*less than or equal to 1"):
+        load_config(QUICKSTART, ["data.second_event_rate=1.5"])

@@ -167,6 +167,43 @@ def test_separability_flags_a_trivial_task_and_names_the_confused_pair(tmp_path)
     assert s.macro_f1 < 0.7 and s.giveaways == {"a": [], "b": [], "c": []}
 
 
+def test_second_events_lower_separability_through_the_data_stage_generator(tmp_path, capsys):
+    path = write(tmp_path, BASE)
+    plain = check_domain(path, rows=300, folds=3)
+    assert plain.second_event_share == 0.0
+    out = tmp_path / "hard.json"
+    assert main(["domain", "check", str(path), "--rows", "300", "--folds", "3",
+                 "--second-event-rate", "1", "--json", str(out)]) == 0
+    hard = json.loads(out.read_text())
+    assert hard["second_event_rate"] == 1.0 and hard["second_event_share"] == 1.0
+    assert "second event in 100% (data.second_event_rate=1)" in hard["separability"]["source"]
+    # every headline names two classes' events: word counts cannot tell which came first
+    assert hard["separability"]["macro_f1"] < plain.separability.macro_f1 - 0.2
+    capsys.readouterr()
+    assert main(["domain", "check", str(path), "--second-event-rate", "1.5"]) == 2
+    assert "--second-event-rate must be from 0 to 1" in capsys.readouterr().err
+    assert main(["domain", "check", str(path), "--second-event-rate", "0.5",
+                 "--data", str(path)]) == 2
+    assert "does not apply to --data" in capsys.readouterr().err
+
+
+def test_confusable_with_names_other_classes_of_the_taxonomy(tmp_path):
+    pair = "    aliases: [positive data]\n    confusable_with: [negative_readout]\n"
+    ok = write(tmp_path, BASE.replace("    aliases: [positive data]\n", pair), "ok.yaml")
+    tax = load_taxonomy(ok)
+    # declared once, it holds both ways
+    assert tax.confusable("negative_readout") == ["positive_readout"]
+    assert tax.confusable("approval") == []
+    text = BASE.replace("    aliases: [positive data]\n", pair.replace(
+        "[negative_readout]", "[negative_redout, positive_readout]"))
+    path = write(tmp_path, text)
+    where = f"{path}:{line_of(text, 'confusable_with')}: classes.0.confusable_with"
+    assert quick(path).errors == [
+        f"{where}.0: 'negative_redout' is not a class (did you mean 'negative_readout'?)",
+        (f"{where}.1: class positive_readout lists itself (name the other classes it is "
+         "confused with)")]
+
+
 def test_cli_exit_codes_json_and_labelled_data(tmp_path, capsys):
     bad = write(tmp_path, BASE.replace("faker: company", "faker: compny"), "bad.yaml")
     assert main(["domain", "check", str(bad), "--no-separability"]) == 1

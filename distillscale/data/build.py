@@ -269,6 +269,7 @@ def build_dataset(
     """Write the dataset, its rejects and its card into `out`; returns the manifest metrics."""
     out = Path(out)
     card_extra: dict = {}
+    second_events = 0  # template rows that name a second event
     if taxonomy.for_import_only and data.generator != "file":
         raise ConfigError(f"taxonomy {taxonomy.name}: for_import_only, so it has no templates "
                           f"for data.generator={data.generator}; use data.generator=file "
@@ -294,9 +295,11 @@ def build_dataset(
     else:
         if data.generator == "templates":
             raw = generate_headlines(
-                taxonomy, data.num_examples, data.target_distribution, data.min_per_class, seed
+                taxonomy, data.num_examples, data.target_distribution, data.min_per_class, seed,
+                second_event_rate=data.second_event_rate,
             )
             source = "templates"
+            second_events = sum("second_event" in r for r in raw)
         else:
             raw = read_table_rows(Path(data.source_path), text_column or data.text_column,
                                   label_column or data.label_column)
@@ -351,6 +354,10 @@ def build_dataset(
         "generator": data.generator, "target_distribution": data.target_distribution,
         "seed": seed, "taxonomy": taxonomy.name,
     }
+    if data.second_event_rate > 0:
+        metrics["second_events"] = second_events
+        settings["second_event_rate"] = (f"{data.second_event_rate:g} "
+                                         f"({second_events:,} of {rows_in:,} rows)")
     if data.generator == "designer":
         settings.update({
             "synthesis": f"Data Designer, {'LLM ' + data.llm.model if data.llm else 'offline'}",

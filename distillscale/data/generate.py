@@ -2,14 +2,15 @@
 
 The full data recipe (`generator: designer`: Data Designer synthesis + NeMo-Curator curation,
 see `recipe.py`) uses the same templates; this generator keeps the quickstart fast and
-dependency-light (no Ray, no embedding model).
+dependency-light (no Ray, no embedding model). `data.second_event_rate` makes some headlines
+name a second event after the one they are labelled by (docs/domains.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from distillscale.domain import SLOT, RangeSlot, Taxonomy
+from distillscale.domain import SLOT, FakerSlot, RangeSlot, Taxonomy
 
 
 def class_counts(
@@ -40,27 +41,86 @@ def _fill(slot: str, spec, rng: np.random.Generator) -> str:
     return str(spec[int(rng.integers(len(spec)))])
 
 
-def render(template: str, slots: dict, rng: np.random.Generator) -> str:
-    return SLOT.sub(lambda m: _fill(m.group(1), slots[m.group(1)], rng), template)
+def render(template: str, slots: dict, rng: np.random.Generator,
+           drawn: dict[str, str] | None = None, reuse: dict[str, str] | None = None) -> str:
+    """Fill `template`'s slots from `rng`. `drawn` collects the first value each slot took;
+    a slot named in `reuse` takes that value instead of a draw."""
+
+    def fill(m) -> str:
+        name = m.group(1)
+        if reuse is not None and name in reuse:
+            return reuse[name]
+        value = _fill(name, slots[name], rng)
+        if drawn is not None:
+            drawn.setdefault(name, value)
+        return value
+
+    return SLOT.sub(fill, template)
+
+
+# How a wire headline attaches a second event to the first: "<primary>; <second>",
+# "<primary> as <second>", ... The primary event is always the one written first.
+SECOND_EVENT_JOINERS = ("; ", " as ", " after ", " - ", " while ")
+
+
+def as_clause(text: str, template: str) -> str:
+    """A rendered template as the clause after a joiner: a template that opens with a plain
+    capitalised word ("Shares of {company} ...") loses the capital; one that opens with a slot
+    (a company's name) or an acronym ("EU", "IPO") keeps it."""
+    first = template.split(" ", 1)[0]
+    plain = first[:1].isupper() and (len(first) == 1 or first[1:].islower())
+    if SLOT.search(first) or not plain:
+        return text
+    return text[:1].lower() + text[1:]
 
 
 def generate_headlines(
-    taxonomy: Taxonomy, n: int, target_distribution: str, min_per_class: int, seed: int
+    taxonomy: Taxonomy, n: int, target_distribution: str, min_per_class: int, seed: int,
+    second_event_rate: float = 0.0,
 ) -> list[dict]:
+    """`n` rows of `{text, label, gold_label}`, each a class's template filled from the slots
+    between a drawn prefix and suffix, in a seeded random order.
+
+    With `second_event_rate` > 0, that share of the headlines goes on to mention a second
+    event: a joiner (`SECOND_EVENT_JOINERS`) and a template of another class (one the
+    taxonomy declares confusable with the primary class where it declares any, else any
+    other), which names the same entities (Faker-pool slots) and draws every other slot
+    afresh. `label` and `gold_label` stay the primary class, the event written first; the row
+    carries the other class as `second_event`. Those draws come from a stream of their own,
+    so the primary headlines (prefix, template, slots, suffix) and the row order are those of
+    rate 0, which is the generator without the mechanism, draw for draw.
+    """
     rng = np.random.default_rng(seed)
     slots = taxonomy.slot_values(seed)
-    rows = []
-    for name, count in class_counts(taxonomy, n, target_distribution, min_per_class).items():
-        cls = next(c for c in taxonomy.classes if c.name == name)
+    counts = class_counts(taxonomy, n, target_distribution, min_per_class)
+    second = None
+    if second_event_rate > 0:
+        second = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+        entities = {name for name, spec in taxonomy.slots.items() if isinstance(spec, FakerSlot)}
+        partners = {c: taxonomy.confusable(c) or [o for o in taxonomy.labels if o != c]
+                    for c in counts}
+    for cls in taxonomy.classes:
         if not cls.templates:
-            raise ValueError(f"class {name} has no templates for the template generator")
+            raise ValueError(f"class {cls.name} has no templates for the template generator")
+    rows = []
+    for name, count in counts.items():
+        cls = taxonomy.by_name(name)
         for _ in range(count):
             t = cls.templates[int(rng.integers(len(cls.templates)))]
-            text = (
-                taxonomy.prefixes[int(rng.integers(len(taxonomy.prefixes)))]
-                + render(t, slots, rng)
-                + taxonomy.suffixes[int(rng.integers(len(taxonomy.suffixes)))]
-            )
-            rows.append({"text": text, "label": name, "gold_label": name})
+            drawn: dict[str, str] = {}
+            prefix = taxonomy.prefixes[int(rng.integers(len(taxonomy.prefixes)))]
+            body = render(t, slots, rng, drawn)
+            suffix = taxonomy.suffixes[int(rng.integers(len(taxonomy.suffixes)))]
+            row = {"text": "", "label": name, "gold_label": name}
+            if second is not None and second.random() < second_event_rate:
+                other = partners[name][int(second.integers(len(partners[name])))]
+                templates = taxonomy.by_name(other).templates
+                t2 = templates[int(second.integers(len(templates)))]
+                joiner = SECOND_EVENT_JOINERS[int(second.integers(len(SECOND_EVENT_JOINERS)))]
+                reuse = {k: v for k, v in drawn.items() if k in entities}
+                body += joiner + as_clause(render(t2, slots, second, reuse=reuse), t2)
+                row["second_event"] = other
+            row["text"] = prefix + body + suffix
+            rows.append(row)
     order = rng.permutation(len(rows))
     return [rows[i] for i in order]

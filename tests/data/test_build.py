@@ -125,3 +125,29 @@ def test_faker_slot_pools_are_seeded_unique_and_filtered(taxonomy):
     assert not any(", " in c for c in a["company"])  # `exclude` drops "A, B and C" names
     assert a["company"] != taxonomy.slot_values(1)["company"]
     assert all(len(t) == 4 and t.isupper() for t in a["ticker"])
+
+
+def test_second_events_are_counted_in_the_card_and_only_when_on(tmp_path):
+    from distillscale.domain import Taxonomy
+
+    tax = Taxonomy.model_validate({
+        "name": "mini", "task": "Classify the headline into one event class.",
+        "classes": [{"name": n, "definition": f"{n} news", "prior": 50,
+                     "templates": [f"{{company}} {n} {w} {{pct}}%" for w in ("up", "down")]}
+                    for n in ("alpha", "beta")],
+        "slots": {"company": [f"Firm{i}" for i in range(40)], "pct": {"int": [1, 99]}},
+    })
+    on = build_dataset(tmp_path / "on", tax, DataConfig(generator="templates", num_examples=400,
+                                                        second_event_rate=0.5, card_umap_points=0),
+                       seed=0)
+    assert 150 <= on["second_events"] <= 250
+    card = (tmp_path / "on" / "dataset_card.md").read_text()
+    assert f"- second_event_rate: `0.5 ({on['second_events']:,} of 400 rows)`" in card
+    # a headline with a second event is labelled by the first
+    for r in read_jsonl(tmp_path / "on" / "train.jsonl"):
+        assert r["text"].split(" ")[1] == r["label"]
+    off = build_dataset(tmp_path / "off", tax, DataConfig(generator="templates",
+                                                          num_examples=400, card_umap_points=0),
+                        seed=0)
+    assert "second_events" not in off
+    assert "second_event" not in (tmp_path / "off" / "dataset_card.md").read_text()
