@@ -209,7 +209,8 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
             for gm in gk_metrics:
                 if gm in fits and fits[gm]["inverse"]:
                     need.append(fits[gm]["inverse"][0])
-                    floors.append(f"{gm} ≥ {fits[gm]['inverse'][0]['target']}")
+                    first = fits[gm]["inverse"][0]
+                    floors.append(f"{gm} ≥ {first.get('target_label', first['target'])}")
             cond = f"{id_metric} ≥ {inv['target']}" + (" and " + ", ".join(floors) if floors else "")
             missing = [n["why_not"] for n in need if n.get("why_not")]
             if missing:

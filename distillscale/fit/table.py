@@ -338,10 +338,34 @@ def _checked_inverse(r: FitResult, target: float, lo: float, hi: float, x: str) 
     return inv
 
 
-def detail_records(groups: list[GroupFit], targets: dict[str, list[float]]) -> list[dict]:
+def teacher_value(gf: GroupFit) -> float | None:
+    """The teacher's score in a compression curve (its anchor point at ratio 1, method none);
+    None for curves without one (dataset-size curves)."""
+    if gf.x != "compression_ratio" or "method" not in gf.points:
+        return None
+    pts = gf.points
+    anchor = pts[(pts["compression_ratio"] >= 0.999) & (pts["method"].astype(str) == "none")]
+    return float(anchor["value"].astype(float).mean()) if len(anchor) else None
+
+
+def curve_targets(gf: GroupFit, targets: dict[str, list[float]],
+                  relative: dict[str, list[float]]) -> list[tuple[float, str]]:
+    """(level, how it reads) of every inverse prediction asked of `gf`: the absolute
+    `targets` as given, the `relative` ones as that fraction of the curve's teacher score."""
+    out = [(float(t), f"{t:g}") for t in targets.get(gf.metric, [])]
+    teacher = teacher_value(gf) if relative.get(gf.metric) else None
+    if teacher is not None:
+        out += [(f * teacher, f"{f * teacher:.3f} ({f:g} of the teacher's {teacher:.3f})")
+                for f in relative[gf.metric]]
+    return out
+
+
+def detail_records(groups: list[GroupFit], targets: dict[str, list[float]],
+                   relative_targets: dict[str, list[float]] | None = None) -> list[dict]:
     """Everything else per fit, in the order of `fits.json`: the report's input."""
     out = []
     for gf in groups:
+        asked = curve_targets(gf, targets, relative_targets or {})
         best = selected_form(gf)
         best_aic = gf.fits[best].aic
         x = gf.points[gf.x].to_numpy(float)
@@ -365,10 +389,14 @@ def detail_records(groups: list[GroupFit], targets: dict[str, list[float]]) -> l
                     "ci_high": gf.points["ci_high"].astype(float).fillna(-1).tolist(),
                     "model": gf.points["model"].astype(str).tolist(),
                 },
-                "inverse": [_checked_inverse(r, t, lo, hi, gf.x)
-                            for t in targets.get(gf.metric, [])],
+                "inverse": [{**_checked_inverse(r, t, lo, hi, gf.x), "target_label": label}
+                            for t, label in asked],
             })
     return out
+
+
+def _level(inv: dict) -> str:
+    return inv.get("target_label") or _fmt(inv["target"])
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -406,8 +434,8 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
         lines.append("")
         cp = items[0][0].get("collapse_point")
         if cp and cp.get("why_not"):
-            lines += [f"Collapse point ({x} at the break of the broken power law): not "
-                      f"reported ({cp['why_not']}).", ""]
+            lines += [(f"Collapse point ({x} at the break of the broken power law): not "
+                       f"reported ({cp['why_not']})."), ""]
         elif cp:
             lines += [(f"Collapse point ({x} at the break of the broken power law): "
                       f"**{_fmt(cp['value'])}** [{_fmt(cp['ci_low'])}, {_fmt(cp['ci_high'])}]"), ""]
@@ -415,10 +443,10 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
             if det["selected"] and det["inverse"]:
                 for inv in det["inverse"]:
                     if inv.get("why_not"):
-                        lines.append(f"- {rec['form']}: {metric} ≥ {inv['target']}: not "
+                        lines.append(f"- {rec['form']}: {metric} ≥ {_level(inv)}: not "
                                      f"reported ({inv['why_not']})")
                         continue
-                    lines.append(f"- {rec['form']}: {metric} ≥ {inv['target']} needs {x} ≥ "
+                    lines.append(f"- {rec['form']}: {metric} ≥ {_level(inv)} needs {x} ≥ "
                                  f"{_fmt(inv['value'])} [{_fmt(inv['ci_low'])}, "
                                  f"{_fmt(inv['ci_high'])}]")
                 lines.append("")
@@ -431,11 +459,12 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
 
 
 def write_fits(groups: list[GroupFit], skipped: list[dict], out_dir: str | Path,
-               targets: dict[str, list[float]] | None = None, source: str = "results") -> list[dict]:
+               targets: dict[str, list[float]] | None = None, source: str = "results",
+               relative_targets: dict[str, list[float]] | None = None) -> list[dict]:
     """Write `fits.json`, `fits_detail.json` and `fits.md` into `out_dir` (atomically)."""
     out_dir = Path(out_dir)
     records = fits_records(groups)
-    details = detail_records(groups, targets or {})
+    details = detail_records(groups, targets or {}, relative_targets)
     write_json_atomic(out_dir / "fits.json", records)
     write_json_atomic(out_dir / "fits_detail.json", {"fits": details, "skipped": skipped})
     write_text_atomic(out_dir / "fits.md", fits_markdown(records, details, skipped, source))
@@ -451,4 +480,4 @@ def fit_results(long: pd.DataFrame, out_dir: str | Path, fit_cfg=None,
         long, fc.metrics, list(fc.forms), list(fc.x), num_classes=num_classes,
         bootstrap_samples=fc.bootstrap_samples, seed=seed, huber_delta=fc.huber_delta,
     )
-    return write_fits(groups, skipped, out_dir, fc.targets, source)
+    return write_fits(groups, skipped, out_dir, fc.targets, source, fc.relative_targets)

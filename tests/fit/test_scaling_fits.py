@@ -175,3 +175,37 @@ def test_bad_tables_fail_with_one_line_naming_the_file(tmp_path):
         read_results(tmp_path / "nope.parquet")
     df = normalize_results(pd.DataFrame({"metric": ["a"], "value": ["x"], "dataset_size": [1]}))
     assert np.isnan(df.value.iloc[0]) and df.method.iloc[0] == "none"
+
+
+def test_general_knowledge_targets_are_relative_to_the_teachers_score():
+    from distillscale.fit.table import detail_records
+
+    # A teacher at 0.40 on the probe; students fall from there. "0.3" would be a level this
+    # teacher barely clears; 0.9 of its own score is 0.36.
+    rng = np.random.default_rng(4)
+    xs = np.linspace(0.2, 0.9, 8)
+    ys = 0.25 + 0.15 * xs ** 2
+    students = _long("compression_ratio", xs, ys, 0.004, 5, rng, metric="mmlu", dataset_size=500)
+    teacher = pd.DataFrame([{"model": "teacher", "compression_ratio": 1.0, "metric": "mmlu",
+                             "value": 0.40, "ci_low": 0.39, "ci_high": 0.41, "seed": s,
+                             "method": "none", "supervision": "none", "schedule": "none",
+                             "dataset_size": 500} for s in range(5)])
+    groups, _ = fit_table(pd.concat([teacher, students], ignore_index=True), ["mmlu"],
+                          ["saturating_power_law"], ["compression_ratio"], bootstrap_samples=30)
+    students_curve = [g for g in groups if g.group.get("method") == "logit_kd"]
+    assert students_curve
+    (d,) = detail_records(students_curve, {"mmlu": [0.3]}, {"mmlu": [0.9]})
+    absolute, relative = d["inverse"]
+    assert absolute["target"] == pytest.approx(0.3) and absolute["target_label"] == "0.3"
+    assert relative["target"] == pytest.approx(0.36)
+    assert relative["target_label"] == "0.360 (0.9 of the teacher's 0.400)"
+    # The level is reached inside the measured range: 0.25 + 0.15 x^2 = 0.36 at x = 0.856.
+    assert relative.get("why_not") is None, relative
+    assert abs(relative["value"] - 0.856) < 0.1
+    # No teacher in a curve (a dataset-size curve): no relative level is asked of it.
+    data_curve = _long("dataset_size", [100, 300, 1000, 3000], [0.3, 0.33, 0.35, 0.36], 0.004, 3,
+                       rng, metric="mmlu", compression_ratio=0.5)
+    groups, _ = fit_table(data_curve, ["mmlu"], ["saturating_power_law"], ["dataset_size"],
+                          bootstrap_samples=10)
+    (d,) = detail_records(groups, {}, {"mmlu": [0.9]})
+    assert d["inverse"] == []
