@@ -23,8 +23,11 @@ import pandas as pd
 
 BOUNDED_PREFIXES = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "f1_", "mmlu")
 # Columns that identify one measurement; two rows agreeing on them must agree on the value.
+# `cell`: a sweep's results name each cell's students alike (`width_0.16/step2/pruned` in every
+# chain), so across cells one name is several models; its pruned-only rows share their method
+# ("none") and schedule as well.
 _KEY = ("model", "metric", "seed", "method", "supervision", "schedule", "step",
-        "compression_ratio", "dataset_size")
+        "compression_ratio", "dataset_size", "cell")
 
 
 def is_bounded(metric: str) -> bool:

@@ -112,6 +112,19 @@ def test_degenerate_rows_are_set_aside_with_a_reason(case, edit, reason):
     assert np.isfinite(kept[["value", "compression_ratio"]].to_numpy(float)).all()
 
 
+def test_one_student_name_in_two_sweep_cells_is_two_models():
+    # A sweep names each cell's students alike: the same name with another value in another
+    # cell is another model, not a conflict (a conflict within one cell still is).
+    df = _table()
+    a = df.assign(cell="n750-label")
+    b = df.assign(cell="n750-cot_long", value=df["value"] * 0.9)
+    kept, skipped = screen_results(pd.concat([a, b], ignore_index=True))
+    assert len(kept) == 2 * len(df) and not skipped, skipped
+    bad = pd.concat([a, a.iloc[[3]].assign(value=0.01)], ignore_index=True)
+    kept, skipped = screen_results(bad)
+    assert any("a different value" in s["reason"] for s in skipped)
+
+
 def test_duplicated_rows_are_counted_once_in_the_fit(cli, tmp_path):
     df = _table()
     doubled = pd.concat([df, df], ignore_index=True)
