@@ -262,7 +262,10 @@ def selected_form(gf: GroupFit, criterion: str = "aic") -> str:
 def supported_estimate(est: dict | None, lo: float, hi: float) -> str | None:
     """Why an estimate with a CI (`value`, `ci_low`, `ci_high`) cannot be reported, or None.
 
-    Reported only inside the measured range [lo, hi], with a finite CI that contains it."""
+    Reported only inside the measured range [lo, hi], with a finite CI that contains it and
+    lies inside that range too: a CI reaching past the measured points (a break's bootstrap
+    refits wandering to ratio 2, or below the smallest student) means the data do not bound the
+    estimate there."""
     if est is None or est.get("value") is None:
         return "no estimate"
     v, cl, ch = est["value"], est.get("ci_low"), est.get("ci_high")
@@ -277,6 +280,10 @@ def supported_estimate(est: dict | None, lo: float, hi: float) -> str | None:
         return f"degenerate CI [{cl:.4g}, {ch:.4g}]: the bootstrap refits do not move it"
     if not (cl - tol <= v <= ch + tol):
         return f"CI [{cl:.3g}, {ch:.3g}] does not contain the estimate {v:.3g}"
+    span = 1e-3 * max(abs(hi - lo), 1e-12)
+    if cl < lo - span or ch > hi + span:
+        return (f"CI [{cl:.3g}, {ch:.3g}] reaches beyond the measured range "
+                f"[{lo:.3g}, {hi:.3g}]: the data do not bound it")
     return None
 
 

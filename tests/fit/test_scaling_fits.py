@@ -209,3 +209,16 @@ def test_general_knowledge_targets_are_relative_to_the_teachers_score():
                           bootstrap_samples=10)
     (d,) = detail_records(groups, {}, {"mmlu": [0.9]})
     assert d["inverse"] == []
+
+
+def test_an_estimate_whose_ci_leaves_the_measured_range_is_not_reported():
+    from distillscale.fit.table import supported_estimate
+
+    inside = {"value": 0.5, "ci_low": 0.3, "ci_high": 0.7}
+    assert supported_estimate(inside, 0.16, 1.0) is None
+    # The grid's broken power laws gave breaks such as 0.49 [0.0216, 2]: bounded by nothing.
+    for ci in ((0.0216, 0.7), (0.3, 2.0)):
+        why = supported_estimate({"value": 0.49, "ci_low": ci[0], "ci_high": ci[1]}, 0.16, 1.0)
+        assert why and "reaches beyond the measured range" in why
+    assert "outside the measured range" in supported_estimate(
+        {"value": 0.1, "ci_low": 0.05, "ci_high": 0.2}, 0.16, 1.0)
