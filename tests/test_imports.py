@@ -204,3 +204,10 @@ def test_function_level_imports_are_commented_third_party():
             if not (own or above):
                 problems.append(f"{where}: `{top}` needs a comment saying why it is imported here")
     assert not problems, "\n".join(problems)
+
+
+def test_test_module_names_are_unique():
+    # The test folders are not packages: pytest imports each test file by its base name, and a
+    # second file of the same name stops collection of the whole suite ("import file mismatch").
+    names = [p.name for p in Path(__file__).resolve().parent.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
