@@ -24,6 +24,11 @@ def test_known_noise_is_dropped_and_everything_else_kept(caplog):
         warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning)
         warnings.warn("Teacher's Module `ColumnParallelLinear` already has an intermediate "
                       "output stored.", UserWarning)
+        warnings.warn("Per-rank checkpoint runs/q/importance/.a-n128-s0.partial/scores0.pth not "
+                      "found, falling back to runs/q/importance/.a.partial/scores.pth. Ensure "
+                      "world size matches the original run.", UserWarning)
+        warnings.warn("Checkpoint runs/q/importance/.a.partial/scores.pth does not exist! "
+                      "Initializing from scratch.", UserWarning)
         warnings.warn("the student diverged", UserWarning)
     assert [str(w.message) for w in seen] == ["the student diverged"]
 

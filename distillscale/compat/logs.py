@@ -21,6 +21,12 @@ _WARNINGS = (
      "the CPU transformer-engine import stub has no version; no MoE model is built on CPU"),
     (r"full scope is deprecated",
      "megatron-core 0.19 config default touched by Megatron-Bridge providers; no CUDA graphs"),
+    (r"Per-rank checkpoint \S+ not found, falling back to",
+     ("ModelOpt 0.47's Minitron searcher looks for its importance scores per rank first; the "
+      "prune stage's score cache (`importance/`) is one file, or none yet on a first run")),
+    (r"Checkpoint \S+ does not exist! Initializing from scratch",
+     ("ModelOpt 0.47's Minitron searcher on a first run: no importance scores are cached yet, "
+      "so it computes them (and saves them there for a resumed prune)")),
     (r"Teacher's Module `\w+` already has an intermediate output stored",
      ("ModelOpt 0.47: a teacher forward outside compute_kd_loss (validation KL); the stored "
      "output is overwritten by the next forward")),
