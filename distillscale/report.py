@@ -34,6 +34,7 @@ from distillscale.fit.table import (
     chance_floor,
     is_general,
     normalize_results,
+    target_text,
 )
 from distillscale.manifest import write_json_atomic, write_text_atomic
 
@@ -208,9 +209,9 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
             floors = []
             for gm in gk_metrics:
                 if gm in fits and fits[gm]["inverse"]:
-                    need.append(fits[gm]["inverse"][0])
                     first = fits[gm]["inverse"][0]
-                    floors.append(f"{gm} ≥ {first.get('target_label', first['target'])}")
+                    need.append(first)
+                    floors.append(f"{gm} ≥ {target_text(first)}")
             cond = f"{id_metric} ≥ {inv['target']}" + (" and " + ", ".join(floors) if floors else "")
             missing = [n["why_not"] for n in need if n.get("why_not")]
             if missing:

@@ -39,16 +39,23 @@ def time_rounds(models: dict, tokens: torch.Tensor, repeats: int,
                 keep: int = 1) -> dict[str, list[float]]:
     """Forward seconds of each model in each of `repeats` rounds, after one warm-up call each
     (first-call allocations and kernel choice)."""
+    return _round_robin(models, lambda model: model(input_ids=tokens, logits_to_keep=keep),
+                        repeats)
+
+
+def _round_robin(models: dict, call, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `call(model)` for each model in each of `repeats` rounds (every round times
+    each model once, back to back), after one warm-up call each."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
-            model(input_ids=tokens, logits_to_keep=keep)
+            call(model)
         for _ in range(repeats):
             for name, model in models.items():
                 t0 = time.perf_counter()
-                model(input_ids=tokens, logits_to_keep=keep)
+                call(model)
                 times[name].append(time.perf_counter() - t0)
     return times
 
@@ -58,8 +65,6 @@ def time_generation_rounds(models: dict, prompt: torch.Tensor, new_tokens: int,
     """Seconds each model takes to generate exactly `new_tokens` tokens greedily after `prompt`
     (batch 1 as a rule: one user's request), with its KV cache, per round, after one warm-up
     each; models round-robin as in `time_rounds`."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     mask = torch.ones_like(prompt)
@@ -73,16 +78,7 @@ def time_generation_rounds(models: dict, prompt: torch.Tensor, new_tokens: int,
             raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, "
                                f"not {new_tokens}")
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            run(model)
-        for _ in range(repeats):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                run(model)
-                times[name].append(time.perf_counter() - t0)
-    return times
+    return _round_robin(models, run, repeats)
 
 
 def non_embedding_params(model) -> int:

@@ -159,7 +159,7 @@ def _groups(df: pd.DataFrame, x: str) -> list[tuple[dict, pd.DataFrame]]:
             df[c] = df[c].fillna("none").astype(str)
     teacher = pd.Series(False, index=df.index)
     if x == "compression_ratio":
-        teacher = (df["compression_ratio"] >= 0.999) & (df["method"] == "none")
+        teacher = is_teacher_row(df)
     out = []
     students = df[~teacher]
     for vals, rows in students.groupby(keys, dropna=False, sort=True):
@@ -171,6 +171,11 @@ def _groups(df: pd.DataFrame, x: str) -> list[tuple[dict, pd.DataFrame]]:
             rows = pd.concat([anchor, rows])
         out.append((group, rows))
     return out
+
+
+def is_teacher_row(df: pd.DataFrame) -> pd.Series:
+    """The teacher's rows of a compression table: ratio 1, no method (it anchors every curve)."""
+    return (df["compression_ratio"] >= 0.999) & (df["method"].astype(str) == "none")
 
 
 def _holdout(x: np.ndarray, axis: str) -> np.ndarray:
@@ -350,8 +355,7 @@ def teacher_value(gf: GroupFit) -> float | None:
     None for curves without one (dataset-size curves)."""
     if gf.x != "compression_ratio" or "method" not in gf.points:
         return None
-    pts = gf.points
-    anchor = pts[(pts["compression_ratio"] >= 0.999) & (pts["method"].astype(str) == "none")]
+    anchor = gf.points[is_teacher_row(gf.points)]
     return float(anchor["value"].astype(float).mean()) if len(anchor) else None
 
 
@@ -402,7 +406,8 @@ def detail_records(groups: list[GroupFit], targets: dict[str, list[float]],
     return out
 
 
-def _level(inv: dict) -> str:
+def target_text(inv: dict) -> str:
+    """How an inverse prediction's level reads ("0.9", "0.320 (0.9 of the teacher's 0.355)")."""
     return inv.get("target_label") or _fmt(inv["target"])
 
 
@@ -450,10 +455,10 @@ def fits_markdown(records: list[dict], details: list[dict], skipped: list[dict],
             if det["selected"] and det["inverse"]:
                 for inv in det["inverse"]:
                     if inv.get("why_not"):
-                        lines.append(f"- {rec['form']}: {metric} ≥ {_level(inv)}: not "
+                        lines.append(f"- {rec['form']}: {metric} ≥ {target_text(inv)}: not "
                                      f"reported ({inv['why_not']})")
                         continue
-                    lines.append(f"- {rec['form']}: {metric} ≥ {_level(inv)} needs {x} ≥ "
+                    lines.append(f"- {rec['form']}: {metric} ≥ {target_text(inv)} needs {x} ≥ "
                                  f"{_fmt(inv['value'])} [{_fmt(inv['ci_low'])}, "
                                  f"{_fmt(inv['ci_high'])}]")
                 lines.append("")
