@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from distillscale.knowledge.general import is_knowledge_probe
+
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as `<file>: <key>: <what is wrong>`."""
@@ -448,14 +450,18 @@ class DistillConfig(Strict):
 class GeneralEvalConfig(Strict):
     """General knowledge through lm-eval (distillscale/eval/lm_eval_tasks/), from local copies.
 
-    `{run_dir}` in a path stands for this experiment's run folder (e.g. the probe the teacher
-    stage writes: `{run_dir}/teacher/knowledge_probe`). Each path is a directory of Parquet files: MMLU in the HF `cais/mmlu` schema (`question`,
-    `subject`, `choices`, `answer` int; test + dev splits), MMLU-Pro in the `TIGER-Lab/MMLU-Pro`
-    schema (`question`, `options`, `answer` letter, `answer_index`, `category`). Unset: skipped.
+    `{run_dir}` in a path stands for this experiment's run folder. Each path is a directory of
+    Parquet files: MMLU in the HF `cais/mmlu` schema (`question`, `subject`, `choices`,
+    `answer` int; test + dev splits), MMLU-Pro in the `TIGER-Lab/MMLU-Pro` schema (`question`,
+    `options`, `answer` letter, `answer_index`, `category`), and the knowledge probe the
+    teacher stage writes (`{run_dir}/teacher/knowledge_probe`, a synthetic quiz on the facts
+    the tiny teacher learned, in the `cais/mmlu` schema; reported as metric `probe`). Unset:
+    skipped.
     """
 
     mmlu_path: str | None = None
     mmlu_pro_path: str | None = None
+    probe_path: str | None = None
     # `hf`: transformers on CPU (or one GPU); `vllm`: the GPU path (NGC container).
     backend: Literal["hf", "vllm"] = "hf"
     # `letters`: the reference MMLU prompt (answer letter); `cloze`: the likelihood of each
@@ -465,6 +471,25 @@ class GeneralEvalConfig(Strict):
     batch_size: Annotated[int, Field(gt=0)] = 16
     # Cap on questions per benchmark (None: all); for quick looks at large local copies.
     limit: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("mmlu_path", "mmlu_pro_path")
+    @classmethod
+    def _not_the_probe(cls, v, info):
+        # Scored as MMLU, the synthetic quiz would be reported, fitted and plotted as MMLU.
+        if v and is_knowledge_probe(v):
+            real = {"mmlu_path": "MMLU", "mmlu_pro_path": "MMLU-Pro"}[info.field_name]
+            raise ValueError(f"{v} is the synthetic knowledge probe, not {real}: set "
+                             "eval.general.probe_path to it instead")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _leave_out_probe_path_when_unset(self, handler):
+        # Unset, probe_path is left out of dumps: the eval stage's identity of a config that
+        # scores real MMLU only stays what it was before the key existed.
+        out = handler(self)
+        if self.probe_path is None:
+            out.pop("probe_path", None)
+        return out
 
 
 class EvalConfig(Strict):
@@ -485,7 +510,7 @@ class FitConfig(Strict):
     # Axes to fit against; an axis with fewer than 3 distinct values in the results is skipped.
     x: list[Literal["compression_ratio", "dataset_size"]] = ["compression_ratio", "dataset_size"]
     metrics: list[str] = ["macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "mmlu",
-                          "mmlu_pro"]
+                          "mmlu_pro", "probe"]
     forms: list[Literal["saturating_power_law", "logistic_log", "broken_power_law"]] = [
         "saturating_power_law", "logistic_log", "broken_power_law"]
     bootstrap_samples: Annotated[int, Field(ge=0)] = 200
@@ -498,7 +523,7 @@ class FitConfig(Strict):
     # such as MMLU >= 0.3 means nothing for a teacher that scores 0.29, or 0.75. Compression
     # curves only (the teacher anchors them).
     relative_targets: dict[str, list[Annotated[float, Field(gt=0, le=1)]]] = {
-        "mmlu": [0.9], "mmlu_pro": [0.9]}
+        "mmlu": [0.9], "mmlu_pro": [0.9], "probe": [0.9]}
 
     @field_validator("x", mode="before")
     @classmethod

@@ -33,14 +33,15 @@ from distillscale.fit.table import (
     CONDITIONS,
     chance_floor,
     is_general,
+    metric_label,
     normalize_results,
     target_text,
 )
 from distillscale.manifest import write_json_atomic, write_text_atomic
 
 HEADLINE = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "parse_failure_rate",
-            "mmlu", "mmlu_pro")
-PLOTTED = ("macro_f1", "accuracy", "gold_accuracy", "mmlu", "mmlu_pro")
+            "mmlu", "mmlu_pro", "probe")
+PLOTTED = ("macro_f1", "accuracy", "gold_accuracy", "mmlu", "mmlu_pro", "probe")
 
 
 def _label(row_or_group: dict, keys) -> str:
@@ -75,7 +76,7 @@ def _finish(ax, metric: str, xlabel: str, floor: float, logx: bool) -> None:
     if floor > 0:
         ax.axhline(floor, color="grey", linestyle=":", linewidth=1, label=f"chance {floor:.3f}")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -113,7 +114,7 @@ def figure_vs_dataset_size(long, metric, details, floor, path: Path) -> list[str
             _band(ax, det, color)
         series.append(name)
     _finish(ax, metric, "training examples (dataset size)", floor, logx=True)
-    ax.set_title(f"{metric} vs dataset size")
+    ax.set_title(f"{metric_label(metric)} vs dataset size")
     _save(fig, path)
     return series
 
@@ -157,7 +158,7 @@ def figure_vs_compression(long, metric, details, floor, path: Path,
                     markersize=11, label="teacher")
         _finish(ax, metric, "compression ratio (student / teacher params)", floor, logx=False)
         ax.set_xlim(0, 1.05)
-        ax.set_title(f"{metric}: " + ("before recovery (pruned only)" if sup == "none"
+        ax.set_title(f"{metric_label(metric)}: " + ("before recovery (pruned only)" if sup == "none"
                                        else f"supervision = {sup}"))
     _save(fig, path)
     return series
@@ -185,7 +186,7 @@ def _group_label(g: dict) -> str:
 
 
 def recommendations(details: list[dict], id_metric: str = "macro_f1",
-                    gk_metrics: tuple[str, ...] = ("mmlu", "mmlu_pro")) -> list[str]:
+                    gk_metrics: tuple[str, ...] = ("mmlu", "mmlu_pro", "probe")) -> list[str]:
     """Plain-language advice from the selected fits' inverse predictions, with their CIs.
 
     Only what the data support: an inverse prediction or a collapse point is stated only inside
@@ -211,7 +212,7 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
                 if gm in fits and fits[gm]["inverse"]:
                     first = fits[gm]["inverse"][0]
                     need.append(first)
-                    floors.append(f"{gm} ≥ {target_text(first)}")
+                    floors.append(f"{metric_label(gm)} ≥ {target_text(first)}")
             cond = f"{id_metric} ≥ {inv['target']}" + (" and " + ", ".join(floors) if floors else "")
             missing = [n["why_not"] for n in need if n.get("why_not")]
             if missing:
@@ -244,7 +245,7 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
         cp = d["collapse_point"]
         where = f"{_group_label(d['group'])} (dataset size {d['group'].get('dataset_size')})"
         if cp.get("why_not"):
-            lines.append(f"- {d['metric']} collapse point for {where}: not enough signal "
+            lines.append(f"- {metric_label(d['metric'])} collapse point for {where}: not enough signal "
                          f"({cp['why_not']}).")
             continue
         idf = by_group.get(json.dumps(d["group"], sort_keys=True), {}).get(id_metric)
@@ -252,7 +253,7 @@ def recommendations(details: list[dict], id_metric: str = "macro_f1",
         if idf:
             y = float(np.interp(cp["value"], idf["curve"]["x"], idf["curve"]["y"]))
             at = f"; the in-domain {id_metric} fit there is still {y:.3f}"
-        lines.append(f"- {d['metric']} collapses below a compression ratio of "
+        lines.append(f"- {metric_label(d['metric'])} collapses below a compression ratio of "
                      f"**{cp['value']:.2f}** (95% CI [{_n(cp['ci_low'])}, {_n(cp['ci_high'])}]) "
                      f"for {where}{at}.")
     if not lines:
@@ -271,7 +272,7 @@ def _results_table(long: pd.DataFrame, extra: dict | None) -> str:
     keys = [k for k in keys if k in long.columns]
     wide = long[long["metric"].isin(metrics)].pivot_table(
         index=keys, columns="metric", values=["value", "ci_low", "ci_high"], aggfunc="first")
-    head = keys + [f"{m} [95% CI]" for m in metrics]
+    head = keys + [f"{metric_label(m)} [95% CI]" for m in metrics]
     speed = bool(extra) and any(e.get("cpu_speedup") is not None for e in extra.values())
     if extra:
         head.append("val KL before → after")
@@ -313,7 +314,7 @@ def _fits_table(fits: list[dict], details: list[dict]) -> list[str]:
         cps = ("" if not cp else f"not reported ({cp['why_not']})" if cp.get("why_not")
                else f"{cp['value']:.2f} [{_n(cp['ci_low'])}, {_n(cp['ci_high'])}]")
         g = ", ".join(f"{k}={v}" for k, v in f["group"].items())
-        lines.append(f"| {f['metric']} | {f['x']} | {g} | {f['form']} | {ps} | {f['aic']:.1f} | "
+        lines.append(f"| {metric_label(f['metric'])} | {f['x']} | {g} | {f['form']} | {ps} | {f['aic']:.1f} | "
                      f"{f['rmse']:.4f} | {_n(f['extrapolation_error'])} | {cps} |")
     return lines
 
@@ -359,15 +360,17 @@ def build_report(
     if intro:
         parts += [intro, ""]
     parts += ["## Results", "", ("Eval CIs are 95% (percentile bootstrap in-domain; normal "
-              "approximation from lm-eval's standard error for MMLU / MMLU-Pro)."), "",
+              "approximation from lm-eval's standard error for the general-knowledge "
+              "benchmarks)."), "",
               _results_table(long, extra), ""]
     titles = {"vs_dataset_size": "vs dataset size", "vs_compression": "vs compression ratio",
               "decayed_vs_uniform": "decayed vs uniform schedule"}
     if figures:
         parts += ["## Figures", ""]
         for f in figures:
-            parts += [f"### {f['metric']} {titles[f['family']]}", "",
-                      f"![{f['metric']} {titles[f['family']]}]({f['path']})", ""]
+            name = metric_label(f["metric"])
+            parts += [f"### {name} {titles[f['family']]}", "",
+                      f"![{name} {titles[f['family']]}]({f['path']})", ""]
     parts += ["## Scaling fits", ""]
     if fits:
         parts += ["AIC-selected form per curve; all forms are in `fit/fits.md`.", "",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Slurm: evaluation of the teacher and every student (in-domain scoring, MMLU / MMLU-Pro through
-# lm-eval with its vLLM backend), then the run's fit and report; marks the run done for sweeps.
+# Slurm: evaluation of the teacher and every student (in-domain scoring, MMLU / MMLU-Pro / the
+# knowledge probe through lm-eval with its vLLM backend), then the run's fit and report; marks
+# the run done for sweeps.
 # One task per node; vLLM spans launch.vllm_tensor_parallel GPUs.
 #   bash launchers/eval.sh --config conf/experiments/quickstart.yaml --gpus-per-node 1
 #SBATCH --job-name=distillscale-eval

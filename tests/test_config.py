@@ -129,3 +129,26 @@ def test_second_event_rate_off_keeps_the_data_identity_and_needs_the_template_ge
         load_config(QUICKSTART, ["data.second_event_rate=0.4", "data.generator=designer"])
     with pytest.raises(ConfigError, match="data.second_event_rate: .*less than or equal to 1"):
         load_config(QUICKSTART, ["data.second_event_rate=1.5"])
+
+
+def test_the_knowledge_probe_is_refused_as_mmlu_at_load():
+    cfg = load_config(QUICKSTART)
+    assert cfg.eval.general.probe_path == "{run_dir}/teacher/knowledge_probe"
+    assert cfg.eval.general.mmlu_path is None
+    for key in ("mmlu_path", "mmlu_pro_path"):
+        with pytest.raises(ConfigError) as e:
+            load_config(QUICKSTART, [f"eval.general.{key}=runs/x/teacher/knowledge_probe"])
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert msg.startswith(f"command line: eval.general.{key}: ")
+        assert "synthetic knowledge probe" in msg and "eval.general.probe_path" in msg
+
+
+def test_an_unset_probe_path_keeps_the_eval_identity():
+    # A config scoring real MMLU only dumps no probe_path: its eval stage is not re-run for
+    # a key it does not use.
+    plain = load_config(QUICKSTART, ["eval.general.probe_path=null",
+                                     "eval.general.mmlu_path=/data/mmlu"])
+    assert "probe_path" not in plain.section_payload("eval")["eval"]["general"]
+    probe = load_config(QUICKSTART)
+    assert probe.section_payload("eval")["eval"]["general"]["probe_path"].endswith("knowledge_probe")

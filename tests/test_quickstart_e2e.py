@@ -81,6 +81,22 @@ def test_teacher_far_above_chance_on_held_out_data(run):
 
 
 @pytest.mark.slow
+def test_the_knowledge_probe_is_reported_as_probe_never_as_mmlu(run):
+    _, out = run
+    long = pd.read_csv(out / "eval" / "results_long.csv")
+    assert not [m for m in set(long.metric) if m.startswith("mmlu")]
+    probe = long[long.metric == "probe"]
+    assert set(probe.model) == set(long.model)  # the teacher and every student
+    assert probe.value.between(0, 1).all() and (probe.ci_low <= probe.ci_high).all()
+    assert "probe" in pd.read_csv(out / "results.csv").columns
+    report = (out / "report.md").read_text()
+    assert "knowledge probe (synthetic) [95% CI]" in report
+    # Real MMLU and MMLU-Pro are named only as not scored (the eval notes).
+    mentions = [ln for ln in report.splitlines() if "mmlu" in ln.lower()]
+    assert mentions and all("skipped (eval.general.mmlu" in ln for ln in mentions), mentions
+
+
+@pytest.mark.slow
 def test_report_lists_every_student_with_a_real_plot(run):
     cfg, out = run
     report = (out / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""General knowledge (MMLU, MMLU-Pro) and the in-domain task through lm-eval 0.4.
+"""General knowledge (MMLU, MMLU-Pro, the synthetic knowledge probe) and the in-domain task
+through lm-eval 0.4.
 
 Models are evaluated from their HF exports (`<stage>/hf/`, tokenizer included) with lm-eval's
 `hf` backend on CPU or `vllm` on GPU, on local benchmark copies read by the shipped task folder
@@ -11,13 +12,18 @@ import math
 from pathlib import Path
 
 from distillscale.eval.lm_eval_tasks import TASKS_DIR
+from distillscale.knowledge.general import is_knowledge_probe
 
 Z95 = 1.959964
-# results-table metric -> (letter-format task, cloze task, metadata key)
+# results-table metric -> (letter-format task, cloze task, metadata key = eval.general key).
+# `probe` is the synthetic quiz the teacher stage writes; `mmlu` is real MMLU only.
 BENCHMARKS = {
     "mmlu": ("distillscale_mmlu", "distillscale_mmlu_cloze", "mmlu_path"),
     "mmlu_pro": ("distillscale_mmlu_pro", "distillscale_mmlu_pro_cloze", "mmlu_pro_path"),
+    "probe": ("distillscale_probe", "distillscale_probe_cloze", "probe_path"),
 }
+# The eval.general keys that name a benchmark copy.
+PATH_KEYS = tuple(key for *_, key in BENCHMARKS.values())
 
 
 def task_manager(metadata: dict):
@@ -94,33 +100,53 @@ def evaluate(
     return res
 
 
-def general_tasks(mmlu_path: str | None, mmlu_pro_path: str | None, cloze: bool) -> tuple[dict, dict, list[str]]:
-    """(metric -> task, metadata, notes for what is skipped)."""
+def general_tasks(paths: dict[str, str | None], cloze: bool) -> tuple[dict, dict, list[str]]:
+    """(metric -> task, metadata, notes for what is skipped) for `paths`: eval.general key
+    (`mmlu_path`, `mmlu_pro_path`, `probe_path`) -> local copy; a key left out is unset."""
+    unknown = sorted(set(paths) - set(PATH_KEYS))
+    if unknown:
+        raise ValueError(f"eval.general: unknown benchmark key(s) {unknown}; known: {list(PATH_KEYS)}")
     tasks, meta, notes = {}, {}, []
-    for metric, path in (("mmlu", mmlu_path), ("mmlu_pro", mmlu_pro_path)):
-        letter, cloze_task, key = BENCHMARKS[metric]
+    for metric, (letter, cloze_task, key) in BENCHMARKS.items():
+        path = paths.get(key)
         if not path:
             notes.append(f"{metric}: skipped (eval.general.{key} is not set)")
             continue
         p = Path(path).expanduser().resolve()
         if not p.exists():
             raise FileNotFoundError(f"eval.general.{key}: {p} does not exist")
+        # Scored as MMLU, the synthetic quiz would be reported, fitted and plotted as MMLU.
+        if key != "probe_path" and is_knowledge_probe(p):
+            raise ValueError(f"eval.general.{key}: {p} is the synthetic knowledge probe, not "
+                             f"{'MMLU' if metric == 'mmlu' else 'MMLU-Pro'}: set "
+                             "eval.general.probe_path to it instead")
         tasks[metric] = cloze_task if cloze else letter
         meta[key] = str(p)
     return tasks, meta, notes
 
 
+def benchmark_paths(general_cfg, run_dir: str | Path | None = None) -> dict[str, str]:
+    """The benchmark copies `general_cfg` (`eval.general`) sets, `{run_dir}` filled in."""
+    out = {}
+    for key in PATH_KEYS:
+        value = getattr(general_cfg, key)
+        if value:
+            out[key] = value.replace("{run_dir}", str(run_dir)) if run_dir is not None else value
+    return out
+
+
 def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool,
                        tensor_parallel: int = 1,
                        max_model_len: int | None = None) -> tuple[dict, list[str]]:
-    """MMLU / MMLU-Pro of one model's HF export per `eval.general`: (metric -> CI, notes).
+    """MMLU / MMLU-Pro / the knowledge probe of one model's HF export per `eval.general`
+    (paths with `{run_dir}` filled in): (metric -> CI, notes).
 
     Models with a from-scratch word-level tokenizer get the cloze prompt and an explicit
     `<bos>` (their training format) unless `eval.general.prompt` says otherwise.
     `tensor_parallel` / `max_model_len`: the vLLM engine's (`launch.vllm_tensor_parallel`).
     """
     cloze = general_cfg.prompt == "cloze" or (general_cfg.prompt == "auto" and scratch_tokenizer)
-    tasks, meta, notes = general_tasks(general_cfg.mmlu_path, general_cfg.mmlu_pro_path, cloze)
+    tasks, meta, notes = general_tasks(benchmark_paths(general_cfg), cloze)
     if not tasks:
         return {}, notes
     if not (Path(hf_dir) / "config.json").is_file():

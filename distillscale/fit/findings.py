@@ -195,7 +195,8 @@ def cot_keeps_knowledge(long: pd.DataFrame, gk_metric: str) -> list[dict]:
 def findings(long: pd.DataFrame, details: list[dict], id_metric: str = "macro_f1",
              num_classes: int | None = None, floors: dict[str, float] | None = None) -> list[dict]:
     """Every finding's row (see the module docstring) from a normalized long results table."""
-    gk = next((m for m in ("mmlu", "mmlu_pro") if m in set(long["metric"])), None)
+    # Real benchmarks first; the synthetic probe stands in where neither was scored.
+    gk = next((m for m in ("mmlu", "mmlu_pro", "probe") if m in set(long["metric"])), None)
     if gk is None:
         gk = next((m for m in sorted(set(long["metric"])) if is_general(m)), None)
     out = [degrades_smoothly(long, details, id_metric)]

@@ -2,7 +2,8 @@
 
 Every form is increasing in x (more data, or a larger share of the teacher kept, never hurts
 in expectation) and never predicts below the metric's chance floor: a classifier that has lost
-the task answers at chance, not worse (1/N macro F1 for N classes in-domain, 0.25 MMLU, 0.10 MMLU-Pro).
+the task answers at chance, not worse (1/N macro F1 for N classes in-domain, 0.25 MMLU,
+0.10 MMLU-Pro, 1 / its choices for the knowledge probe).
 
 Internally x is divided by a reference scale (the largest x of the fit) so that all parameters
 are O(1) for L-BFGS whatever the unit of x (headlines or a ratio in (0, 1]); `to_public`

@@ -6,7 +6,7 @@ that cannot be true are set aside with a reason before fitting, the way unfittab
 are:
 
 - a value, CI bound or x that is not finite (inf, -inf);
-- a bounded metric (F1, accuracy, MMLU: fractions) outside [0, 1];
+- a bounded metric (F1, accuracy, MMLU, the knowledge probe: fractions) outside [0, 1];
 - a CI whose low end is above its high end;
 - a row given twice (the copy is dropped: it would count twice in the fit), and rows that give
   one model, metric and seed different values (which one is true is unknown: both set aside);
@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-BOUNDED_PREFIXES = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "f1_", "mmlu")
+BOUNDED_PREFIXES = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy", "f1_", "mmlu",
+                    "probe")
 # Columns that identify one measurement; two rows agreeing on them must agree on the value.
 # `cell`: a sweep's results name each cell's students alike (`width_0.16/step2/pruned` in every
 # chain), so across cells one name is several models; its pruned-only rows share their method

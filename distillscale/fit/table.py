@@ -34,6 +34,7 @@ from distillscale.fit.estimate import (
 )
 from distillscale.fit.forms import FORMS
 from distillscale.fit.screen import screen_results
+from distillscale.knowledge.general import PROBE_CHOICES
 from distillscale.manifest import write_json_atomic, write_text_atomic
 
 X_COLUMNS = ("compression_ratio", "dataset_size")
@@ -42,9 +43,13 @@ CONDITIONS = ("method", "supervision", "schedule")
 # (depth and width students of the same size are different models).
 OPTIONAL_CONDITIONS = ("axis",)
 IN_DOMAIN = ("macro_f1", "weighted_f1", "accuracy", "gold_accuracy")
-GENERAL = ("mmlu", "mmlu_pro")
-# Chance levels: 4-way MMLU, 10-way MMLU-Pro. In-domain: 1 / number of classes.
-GENERAL_FLOORS = {"mmlu": 0.25, "mmlu_pro": 0.10}
+# `probe`: the synthetic knowledge probe the teacher stage writes; `mmlu`: real MMLU only.
+GENERAL = ("mmlu", "mmlu_pro", "probe")
+# Chance levels: 4-way MMLU, 10-way MMLU-Pro, the probe by its choices per question. In-domain:
+# 1 / number of classes.
+GENERAL_FLOORS = {"mmlu": 0.25, "mmlu_pro": 0.10, "probe": 1.0 / PROBE_CHOICES}
+# How tables and plots name a metric whose key alone could mislead.
+METRIC_LABELS = {"probe": "knowledge probe (synthetic)"}
 # Fraction of distinct x values held out (the largest datasets / strongest compressions).
 HOLDOUT_FRACTION = 0.25
 # Resample whole seeds when there are at least this many, else single points.
@@ -56,13 +61,18 @@ class ResultsTableError(ValueError):
 
 
 def is_general(metric: str) -> bool:
-    return metric in GENERAL or metric.startswith("mmlu")
+    return metric in GENERAL or metric.startswith(("mmlu", "probe"))
+
+
+def metric_label(metric: str) -> str:
+    """The name of `metric` in tables and plots (its key where that says what it is)."""
+    return METRIC_LABELS.get(metric, metric)
 
 
 def chance_floor(metric: str, num_classes: int | None = None,
                  floors: dict[str, float] | None = None) -> float:
-    """The chance level of `metric`: MMLU-style probes by their choices, in-domain metrics
-    1 / the task's number of classes (which only the domain knows: required for them)."""
+    """The chance level of `metric`: multiple-choice benchmarks by their choices, in-domain
+    metrics 1 / the task's number of classes (which only the domain knows: required for them)."""
     if floors and metric in floors:
         return float(floors[metric])
     if metric in GENERAL_FLOORS:
@@ -71,6 +81,8 @@ def chance_floor(metric: str, num_classes: int | None = None,
         return 0.10
     if metric.startswith("mmlu"):
         return 0.25
+    if metric.startswith("probe"):
+        return GENERAL_FLOORS["probe"]
     if metric in IN_DOMAIN or metric.startswith(("f1_", "macro_f1", "accuracy")):
         if num_classes is None:
             raise ValueError(f"{metric}: the chance floor needs the task's number of classes")

@@ -1,6 +1,7 @@
 """A small general-knowledge world, built offline: the facts a tiny teacher learns besides its
-task, and the held-out multiple-choice probe (MMLU format) that measures whether a compressed
-student kept them.
+task, and the held-out multiple-choice knowledge probe that measures whether a compressed
+student kept them. The probe is a synthetic quiz, not MMLU: results call it `probe`
+(`eval.general.probe_path`), and only real MMLU data is reported as `mmlu`.
 
 Facts come from data packages, never from a hub: country names and currency / language names
 from `pycountry` (ISO 3166 / 4217 / 639), which currency and which official language each
@@ -10,15 +11,17 @@ pure function of `(seed, sizes)`, so the corpus the teacher trains on and the pr
 evaluation reads are drawn from the same facts by construction.
 
 The probe asks about the very facts of the corpus in a form the teacher never saw (a question
-with four choices): it measures retained knowledge, not format learning. Its files follow the
+with four choices): it measures retained knowledge, not format learning. Its files borrow the
 HF `cais/mmlu` schema (`question` str, `subject` str, `choices` list of 4 str, `answer` int),
 one Parquet file per split: `<out_dir>/test.parquet` and `<out_dir>/dev.parquet` (dev holds
-a few questions per subject for few-shot prompts).
+a few questions per subject for few-shot prompts), and `<out_dir>/probe.json` marks the folder
+as this synthetic probe, so that it cannot pass for a copy of MMLU.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -28,6 +31,11 @@ from pathlib import Path
 import numpy as np
 
 SUBJECTS = ("currency", "language", "arithmetic", "unit_conversion")
+# Where the teacher stage writes the probe (`{run_dir}/teacher/knowledge_probe`), the marker
+# file in it, and its choices per question (chance: 1 / PROBE_CHOICES).
+PROBE_DIR = "knowledge_probe"
+PROBE_MARKER = "probe.json"
+PROBE_CHOICES = 4
 # Conversions whose factor is an integer, so every fact is exact and a word-level tokenizer
 # sees whole numbers.
 CONVERSIONS = (
@@ -216,7 +224,8 @@ def country_lookup(facts: list[Fact]) -> dict[str, list[str]]:
 
 def probe_rows(facts: list[Fact], seed: int, n: int | None = None) -> list[dict]:
     """Multiple-choice rows in the `cais/mmlu` schema, one per fact (at most `n`, drawn evenly
-    across subjects); three distractors from the same relation, answer position seeded."""
+    across subjects); PROBE_CHOICES - 1 distractors from the same relation, answer position
+    seeded."""
     rng = np.random.default_rng([seed, 11])
     by_subject = {s: [f for f in facts if f.subject == s] for s in SUBJECTS}
     order: list[Fact] = []
@@ -231,21 +240,23 @@ def probe_rows(facts: list[Fact], seed: int, n: int | None = None) -> list[dict]
     rows = []
     for f in order:
         others = sorted(set(f.pool) - {f.answer})
-        if len(others) < 3:
-            raise ValueError(f"fact {f.sentence!r}: fewer than 3 distractors in its relation")
-        wrong = [others[i] for i in rng.choice(len(others), 3, replace=False)]
-        pos = int(rng.integers(4))
+        k = PROBE_CHOICES - 1
+        if len(others) < k:
+            raise ValueError(f"fact {f.sentence!r}: fewer than {k} distractors in its relation")
+        wrong = [others[i] for i in rng.choice(len(others), k, replace=False)]
+        pos = int(rng.integers(PROBE_CHOICES))
         choices = wrong[:pos] + [f.answer] + wrong[pos:]
         rows.append({"question": f.question, "subject": f.subject, "choices": choices,
                      "answer": pos})
     return rows
 
 
-def write_mmlu_probe(
+def write_knowledge_probe(
     out_dir: str | Path, seed: int = 0, n: int | None = None, dev_per_subject: int = 5,
     **fact_sizes: int,
 ) -> dict[str, int]:
-    """Write the probe as `<out_dir>/test.parquet` and `<out_dir>/dev.parquet` (cais/mmlu schema).
+    """Write the probe as `<out_dir>/test.parquet` and `<out_dir>/dev.parquet` (cais/mmlu
+    schema) with its marker `<out_dir>/probe.json`.
 
     `fact_sizes` (`countries`, `arithmetic`, `conversions`) must be those the teacher trained
     with (see `build_facts`); dev takes `dev_per_subject` questions per subject for few-shot
@@ -277,4 +288,19 @@ def write_mmlu_probe(
         tmp = out / f".{name}.parquet.tmp"
         pq.write_table(table, tmp)
         tmp.replace(out / f"{name}.parquet")
-    return {"test": len(test), "dev": len(dev)}
+    sizes = {"test": len(test), "dev": len(dev)}
+    marker = {"synthetic": True, "what": "distillscale knowledge probe (not MMLU)",
+              "metric": "probe", "config_key": "eval.general.probe_path",
+              "choices": PROBE_CHOICES, "subjects": list(SUBJECTS), "seed": seed, "splits": sizes}
+    tmp = out / f".{PROBE_MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=2) + "\n")
+    tmp.replace(out / PROBE_MARKER)
+    return sizes
+
+
+def is_knowledge_probe(path: str | Path) -> bool:
+    """Whether `path` is a probe of this module: its marker file, or the teacher stage's probe
+    folder by its place (`.../teacher/knowledge_probe`, also before it exists and for probes
+    written before the marker was)."""
+    p = Path(path)
+    return p.parts[-2:] == ("teacher", PROBE_DIR) or (p / PROBE_MARKER).is_file()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distillscale.eval.general import evaluate_hf_export
+from distillscale.eval.general import benchmark_paths, evaluate_hf_export
 from distillscale.eval.indomain import generate_labels, predict_labels, score_detailed
 from distillscale.manifest import StageOutput
 from distillscale.models.checkpoint import load_model
@@ -41,10 +41,8 @@ def _inputs(ctx: Context) -> dict[str, Path]:
 
 def _body(ctx: Context, out: StageOutput) -> None:
     cfg, p = ctx.cfg, ctx.paths
-    general_cfg = cfg.eval.general.model_copy(update={
-        k: getattr(cfg.eval.general, k).replace("{run_dir}", str(cfg.run_dir))
-        for k in ("mmlu_path", "mmlu_pro_path") if getattr(cfg.eval.general, k)
-    })
+    general_cfg = cfg.eval.general.model_copy(
+        update=benchmark_paths(cfg.eval.general, cfg.run_dir))
     models, step_of = evaluated_models(ctx)
     rows = load_split(p.data, cfg.eval.split)
     dataset_size = len(load_split(p.data, "train"))

@@ -31,12 +31,13 @@ from distillscale.distill.export import check_hf_export
 from distillscale.domain import Taxonomy
 from distillscale.eval.indomain import label_accuracy
 from distillscale.knowledge.general import (
+    PROBE_DIR,
     build_facts,
     country_lookup,
     country_name,
     knowledge_corpus,
     probe_rows,
-    write_mmlu_probe,
+    write_knowledge_probe,
 )
 from distillscale.manifest import write_text_atomic
 from distillscale.models.checkpoint import load_model, save_model
@@ -71,7 +72,6 @@ from distillscale.tokenizer import (
 from distillscale.train.loop import train
 
 console = stderr_console()
-PROBE_DIR = "knowledge_probe"
 CORPUS_FILE = "knowledge_corpus.txt"
 # How many times the label format is drawn per CoT format when training the scratch teacher.
 LABEL_WEIGHT = 3
@@ -112,7 +112,7 @@ def train_scratch_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     vocab = len(tok)
     encoder = PromptEncoder(tok, taxonomy.labels, arch.seq_length)
     (out / CORPUS_FILE).write_text("\n".join(corpus) + "\n")
-    write_mmlu_probe(out / PROBE_DIR, cfg.seed, kcfg.probe_size, countries=kcfg.countries,
+    write_knowledge_probe(out / PROBE_DIR, cfg.seed, kcfg.probe_size, countries=kcfg.countries,
                      arithmetic=kcfg.arithmetic, conversions=kcfg.conversions, include=include)
 
     # One padded table of every training sequence; batches are cut to their longest row. The
@@ -279,7 +279,7 @@ def import_hf_teacher(cfg: ExperimentConfig, out: Path, taxonomy: Taxonomy,
     os.symlink(src, out / "hf", target_is_directory=True)
     kcfg = cfg.teacher.knowledge
     _, include = teacher_facts(cfg, taxonomy)
-    write_mmlu_probe(out / PROBE_DIR, cfg.seed, kcfg.probe_size, countries=kcfg.countries,
+    write_knowledge_probe(out / PROBE_DIR, cfg.seed, kcfg.probe_size, countries=kcfg.countries,
                      arithmetic=kcfg.arithmetic, conversions=kcfg.conversions, include=include)
     adapter = load_adapter(supervision_family(cfg))
     # The imported Megatron model must be the checkpoint: logits against transformers'.

@@ -37,6 +37,7 @@ def test_hf_export_scored_by_lm_eval(tmp_path):
     # and lm-eval's argmax takes the first, so the accuracy is the share of answer 0.
     cfg = GeneralEvalConfig(mmlu_path=str(tmp_path / "mmlu"), batch_size=4)
     res, notes = evaluate_hf_export(hf, cfg, scratch_tokenizer=True)
-    assert notes == ["mmlu_pro: skipped (eval.general.mmlu_pro_path is not set)"]
+    assert notes == ["mmlu_pro: skipped (eval.general.mmlu_pro_path is not set)",
+                     "probe: skipped (eval.general.probe_path is not set)"]
     assert res["mmlu"]["n"] == 8
     assert res["mmlu"]["value"] == pytest.approx(sum(q["answer"] == 0 for q in qs) / 8)

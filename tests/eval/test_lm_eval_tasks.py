@@ -3,6 +3,7 @@ accuracy is known in advance."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +11,12 @@ import pytest
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from distillscale.eval.general import evaluate, general_tasks
+from distillscale.config import load_config
+from distillscale.eval.general import benchmark_paths, evaluate, general_tasks
 from distillscale.eval.lm_eval_tasks.loaders import LocalBenchmarkError, load_mmlu
+from distillscale.knowledge.general import PROBE_DIR, write_knowledge_probe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @register_model("distillscale_rule_lm")
@@ -95,8 +100,9 @@ def test_mmlu_and_mmlu_pro_exact_accuracy(tmp_path, monkeypatch, cloze):
     monkeypatch.chdir(tmp_path / ".." )  # the loaders must not depend on the working directory
     mmlu = _mmlu(tmp_path / "mmlu")
     pro = _mmlu_pro(tmp_path / "pro")
-    tasks, meta, notes = general_tasks(str(tmp_path / "mmlu"), str(tmp_path / "pro"), cloze)
-    assert notes == []
+    tasks, meta, notes = general_tasks(
+        {"mmlu_path": str(tmp_path / "mmlu"), "mmlu_pro_path": str(tmp_path / "pro")}, cloze)
+    assert notes == ["probe: skipped (eval.general.probe_path is not set)"]
     res = evaluate(RuleLM(), tasks, meta)
     assert res["mmlu"]["value"] == pytest.approx(_expected(mmlu, "answer"))
     assert res["mmlu_pro"]["value"] == pytest.approx(_expected(pro, "answer_index"))
@@ -106,10 +112,44 @@ def test_mmlu_and_mmlu_pro_exact_accuracy(tmp_path, monkeypatch, cloze):
 
 
 def test_unset_benchmark_is_skipped_with_a_note():
-    tasks, meta, notes = general_tasks(None, None, cloze=False)
+    tasks, meta, notes = general_tasks({}, cloze=False)
     assert tasks == {} and meta == {}
     assert notes == ["mmlu: skipped (eval.general.mmlu_path is not set)",
-                     "mmlu_pro: skipped (eval.general.mmlu_pro_path is not set)"]
+                     "mmlu_pro: skipped (eval.general.mmlu_pro_path is not set)",
+                     "probe: skipped (eval.general.probe_path is not set)"]
+    with pytest.raises(ValueError, match=r"unknown benchmark key\(s\) \['mmlu'\]"):
+        general_tasks({"mmlu": "/data/mmlu"}, cloze=False)
+
+
+@pytest.mark.parametrize("cloze", [False, True])
+def test_quickstart_eval_reports_the_probe_as_probe_never_as_mmlu(tmp_path, cloze):
+    # The quickstart's eval.general, with the probe where its teacher stage writes it.
+    cfg = load_config(ROOT / "conf/experiments/quickstart.yaml", [f"output_dir={tmp_path / 'run'}"])
+    k = cfg.teacher.knowledge
+    write_knowledge_probe(cfg.run_dir / "teacher" / PROBE_DIR, cfg.seed, 40, countries=k.countries,
+                          arithmetic=k.arithmetic, conversions=k.conversions)
+    tasks, meta, notes = general_tasks(benchmark_paths(cfg.eval.general, cfg.run_dir), cloze)
+    assert tasks == {"probe": "distillscale_probe_cloze" if cloze else "distillscale_probe"}
+    assert "mmlu: skipped (eval.general.mmlu_path is not set)" in notes
+    res = evaluate(RuleLM(), tasks, meta)
+    # The rule LM knows no probe question: it answers the first choice, right where answer = 0.
+    test = pd.read_parquet(cfg.run_dir / "teacher" / PROBE_DIR / "test.parquet")
+    assert set(res) == {"probe"}
+    assert res["probe"]["n"] == 40
+    assert res["probe"]["value"] == pytest.approx(float((test["answer"] == 0).mean()))
+
+
+def test_the_probe_is_refused_as_mmlu_at_eval_by_its_marker(tmp_path):
+    # Outside a teacher folder the probe is told apart by its marker file, not its place.
+    quiz = tmp_path / "quiz"
+    write_knowledge_probe(quiz, 0, 12, countries=20, arithmetic=10, conversions=10)
+    assert json.loads((quiz / "probe.json").read_text())["synthetic"] is True
+    for key in ("mmlu_path", "mmlu_pro_path"):
+        with pytest.raises(ValueError, match=rf"^eval\.general\.{key}: .*quiz is the synthetic "
+                                             r"knowledge probe.*set eval\.general\.probe_path"):
+            general_tasks({key: str(quiz)}, cloze=True)
+    tasks, _, _ = general_tasks({"probe_path": str(quiz)}, cloze=True)
+    assert tasks == {"probe": "distillscale_probe_cloze"}
 
 
 def test_indomain_task_macro_f1_aggregation(tmp_path):

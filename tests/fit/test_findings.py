@@ -15,16 +15,17 @@ from distillscale.fit.table import detail_records, fit_table
 RATIOS = [1.0, 0.79, 0.58, 0.37, 0.16]
 
 
-def _table(id_curve, gk_curve, seeds=(0,), sd=0.005, formats=("label",), gk_shift=None):
+def _table(id_curve, gk_curve, seeds=(0,), sd=0.005, formats=("label",), gk_shift=None,
+           gk="probe"):
     rng = np.random.default_rng(0)
     rows = []
     for seed in seeds:
         for fmt in formats:
             for r in RATIOS:
                 teacher = r == 1.0
-                for metric, f in (("macro_f1", id_curve), ("mmlu", gk_curve)):
+                for metric, f in (("macro_f1", id_curve), (gk, gk_curve)):
                     v = f(r) + rng.normal(0, sd)
-                    if metric == "mmlu" and gk_shift and not teacher:
+                    if metric == gk and gk_shift and not teacher:
                         v += gk_shift.get(fmt, 0.0)
                     rows.append({
                         "model": "teacher" if teacher else f"{fmt}{r}", "compression_ratio": r,
@@ -38,8 +39,9 @@ def _table(id_curve, gk_curve, seeds=(0,), sd=0.005, formats=("label",), gk_shif
 
 
 def _verdicts(long):
-    groups, _ = fit_table(long, ["macro_f1", "mmlu"], ["saturating_power_law", "logistic_log"],
-                          ["compression_ratio"], num_classes=35, bootstrap_samples=30)
+    groups, _ = fit_table(long, sorted(set(long["metric"])),
+                          ["saturating_power_law", "logistic_log"], ["compression_ratio"],
+                          num_classes=35, bootstrap_samples=30)
     return findings(long, detail_records(groups, {}), num_classes=35)
 
 
@@ -70,10 +72,28 @@ def test_cot_versus_label_needs_paired_seeds():
     shift = {"cot_long": 0.05}
     three = _table(id_curve, gk_curve, seeds=(0, 1, 2), formats=("label", "cot_long"),
                    gk_shift=shift)
-    row = cot_keeps_knowledge(three, "mmlu")[0]
+    row = cot_keeps_knowledge(three, "probe")[0]
     assert row["verdict"] == SUPPORTED and row["ci_low"] > 0 and abs(row["value"] - 0.05) < 0.02
     same = _table(id_curve, gk_curve, seeds=(0, 1, 2), formats=("label", "cot_long"))
-    assert cot_keeps_knowledge(same, "mmlu")[0]["verdict"] == NO_SIGNAL
+    assert cot_keeps_knowledge(same, "probe")[0]["verdict"] == NO_SIGNAL
     one = _table(id_curve, gk_curve, seeds=(0,), formats=("label", "cot_long"), gk_shift=shift)
-    row = cot_keeps_knowledge(one, "mmlu")[0]
+    row = cot_keeps_knowledge(one, "probe")[0]
     assert row["verdict"] == NO_SIGNAL and "one seed" in row["note"]
+
+
+def test_general_knowledge_findings_prefer_real_mmlu_and_fall_back_to_the_probe():
+    def id_curve(r):
+        return 1 / 35 + (0.95 - 1 / 35) / (1 + (0.2 / r) ** 4)
+
+    def gk_curve(r):
+        return 0.25 + 0.4 / (1 + (0.6 / r) ** 6)
+
+    probe = _table(id_curve, gk_curve)
+    found = _verdicts(probe)
+    assert found[1]["quantity"].startswith("ratio where probe lost")
+    assert found[1]["verdict"] == SUPPORTED  # the probe's own chance floor, 0.25
+    # With real MMLU in the table too, the finding is about MMLU.
+    both = pd.concat([probe, _table(id_curve, gk_curve, gk="mmlu").query("metric == 'mmlu'")])
+    found = _verdicts(both)
+    assert found[1]["quantity"].startswith("ratio where mmlu lost")
+    assert found[2]["quantity"].startswith("mmlu:")

@@ -6,14 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from distillscale.config import FitConfig
 from distillscale.fit import FORMS, bootstrap, fit_form, fit_table, inverse_with_ci, write_fits
 from distillscale.fit.estimate import extrapolation_error, sigma_from_ci
+from distillscale.fit.screen import is_bounded
 from distillscale.fit.table import (
     ResultsTableError,
+    chance_floor,
     fits_records,
+    is_general,
+    metric_label,
     normalize_results,
     read_results,
 )
+from distillscale.knowledge.general import write_knowledge_probe
 
 FLOOR = 1 / 35
 
@@ -185,16 +191,17 @@ def test_general_knowledge_targets_are_relative_to_the_teachers_score():
     rng = np.random.default_rng(4)
     xs = np.linspace(0.2, 0.9, 8)
     ys = 0.25 + 0.15 * xs ** 2
-    students = _long("compression_ratio", xs, ys, 0.004, 5, rng, metric="mmlu", dataset_size=500)
-    teacher = pd.DataFrame([{"model": "teacher", "compression_ratio": 1.0, "metric": "mmlu",
+    students = _long("compression_ratio", xs, ys, 0.004, 5, rng, metric="probe", dataset_size=500)
+    teacher = pd.DataFrame([{"model": "teacher", "compression_ratio": 1.0, "metric": "probe",
                              "value": 0.40, "ci_low": 0.39, "ci_high": 0.41, "seed": s,
                              "method": "none", "supervision": "none", "schedule": "none",
                              "dataset_size": 500} for s in range(5)])
-    groups, _ = fit_table(pd.concat([teacher, students], ignore_index=True), ["mmlu"],
+    groups, _ = fit_table(pd.concat([teacher, students], ignore_index=True), ["probe"],
                           ["saturating_power_law"], ["compression_ratio"], bootstrap_samples=30)
     students_curve = [g for g in groups if g.group.get("method") == "logit_kd"]
     assert students_curve
-    (d,) = detail_records(students_curve, {"mmlu": [0.3]}, {"mmlu": [0.9]})
+    # The default relative targets: the probe's level is 0.9 of the teacher's own score.
+    (d,) = detail_records(students_curve, {"probe": [0.3]}, FitConfig().relative_targets)
     absolute, relative = d["inverse"]
     assert absolute["target"] == pytest.approx(0.3) and absolute["target_label"] == "0.3"
     assert relative["target"] == pytest.approx(0.36)
@@ -204,10 +211,10 @@ def test_general_knowledge_targets_are_relative_to_the_teachers_score():
     assert abs(relative["value"] - 0.856) < 0.1
     # No teacher in a curve (a dataset-size curve): no relative level is asked of it.
     data_curve = _long("dataset_size", [100, 300, 1000, 3000], [0.3, 0.33, 0.35, 0.36], 0.004, 3,
-                       rng, metric="mmlu", compression_ratio=0.5)
-    groups, _ = fit_table(data_curve, ["mmlu"], ["saturating_power_law"], ["dataset_size"],
+                       rng, metric="probe", compression_ratio=0.5)
+    groups, _ = fit_table(data_curve, ["probe"], ["saturating_power_law"], ["dataset_size"],
                           bootstrap_samples=10)
-    (d,) = detail_records(groups, {}, {"mmlu": [0.9]})
+    (d,) = detail_records(groups, {}, {"probe": [0.9]})
     assert d["inverse"] == []
 
 
@@ -222,3 +229,13 @@ def test_an_estimate_whose_ci_leaves_the_measured_range_is_not_reported():
         assert why and "reaches beyond the measured range" in why
     assert "outside the measured range" in supported_estimate(
         {"value": 0.1, "ci_low": 0.05, "ci_high": 0.2}, 0.16, 1.0)
+
+
+def test_the_probe_is_a_general_knowledge_metric_with_its_choices_as_floor(tmp_path):
+    write_knowledge_probe(tmp_path, 0, 12, countries=20, arithmetic=10, conversions=10)
+    choices = {len(c) for c in pd.read_parquet(tmp_path / "test.parquet")["choices"]}
+    assert chance_floor("probe") == pytest.approx(1 / choices.pop()) and not choices
+    assert is_general("probe") and is_bounded("probe")
+    assert metric_label("probe") == "knowledge probe (synthetic)" and metric_label("mmlu") == "mmlu"
+    fc = FitConfig()
+    assert "probe" in fc.metrics and fc.relative_targets["probe"] == [0.9]

@@ -1,13 +1,17 @@
+import json
+
 import pandas as pd
 import pytest
 
 from distillscale.knowledge.general import (
+    PROBE_CHOICES,
     SUBJECTS,
     build_facts,
     country_name,
+    is_knowledge_probe,
     knowledge_corpus,
     probe_rows,
-    write_mmlu_probe,
+    write_knowledge_probe,
 )
 
 
@@ -55,17 +59,26 @@ def test_probe_rows_have_one_right_answer_among_four():
     assert positions == {0, 1, 2, 3}  # the answer is not always in the same slot
 
 
-def test_write_mmlu_probe_in_cais_mmlu_schema(tmp_path):
-    sizes = write_mmlu_probe(tmp_path, seed=1, n=50, countries=20, arithmetic=30, conversions=20)
+def test_write_knowledge_probe_in_cais_mmlu_schema_with_its_marker(tmp_path):
+    sizes = write_knowledge_probe(tmp_path, seed=1, n=50, countries=20, arithmetic=30,
+                                  conversions=20)
     test = pd.read_parquet(tmp_path / "test.parquet")
     dev = pd.read_parquet(tmp_path / "dev.parquet")
     assert list(test.columns) == ["question", "subject", "choices", "answer"]
     assert sizes == {"test": 50, "dev": 20} and len(test) == 50
     assert set(dev.subject) == set(SUBJECTS) and (dev.subject.value_counts() == 5).all()
     assert not set(dev.question) & set(test.question)  # few-shot examples are not test items
-    assert all(len(c) == 4 for c in test.choices) and test.answer.between(0, 3).all()
+    assert all(len(c) == PROBE_CHOICES for c in test.choices)
+    assert test.answer.between(0, PROBE_CHOICES - 1).all()
+    # The marker says what the folder is, so that it cannot pass for a copy of MMLU.
+    marker = json.loads((tmp_path / "probe.json").read_text())
+    assert marker["synthetic"] is True and marker["metric"] == "probe"
+    assert marker["choices"] == PROBE_CHOICES and marker["splits"] == sizes
+    assert is_knowledge_probe(tmp_path) and not is_knowledge_probe(tmp_path / "elsewhere")
+    assert is_knowledge_probe("{run_dir}/teacher/knowledge_probe")  # by its place, unwritten
     # Deterministic: the same call writes the same questions.
-    write_mmlu_probe(tmp_path / "again", seed=1, n=50, countries=20, arithmetic=30, conversions=20)
+    write_knowledge_probe(tmp_path / "again", seed=1, n=50, countries=20, arithmetic=30,
+                          conversions=20)
     pd.testing.assert_frame_equal(test, pd.read_parquet(tmp_path / "again" / "test.parquet"))
 
 

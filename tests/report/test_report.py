@@ -71,3 +71,24 @@ def test_fits_cover_every_condition(built):
     groups = {json.dumps(f["group"], sort_keys=True) for f in fits if f["metric"] == "macro_f1"}
     assert len(groups) == 3 * 3  # conditions x dataset sizes
     assert len(long) == 2 * 3 * (1 + 3 * 4)
+
+
+def test_a_probe_only_table_is_reported_as_the_probe_and_never_as_mmlu(tmp_path):
+    # The fixture's general-knowledge rows as a run that scored only the synthetic probe.
+    long = read_results(FIXTURE)
+    long = long.assign(metric=long["metric"].replace({"mmlu": "probe"}))
+    src = tmp_path / "results_long.csv"
+    long.to_csv(src, index=False)
+    fit_dir = tmp_path / "fit"
+    assert main(["fit", "--results", str(src), "--out", str(fit_dir), "--num-classes", "35",
+                 "fit.bootstrap_samples=5", "fit.x=compression_ratio",
+                 "fit.forms=[broken_power_law]"]) == 0
+    assert main(["report", "--results", str(src), "--fits", str(fit_dir),
+                 "--out", str(tmp_path), "--num-classes", "35"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "mmlu" not in md.lower()
+    assert "knowledge probe (synthetic) [95% CI]" in md  # the results table's column
+    assert "### knowledge probe (synthetic) vs compression ratio" in md
+    assert {f["metric"] for f in json.loads((fit_dir / "fits.json").read_text())} >= {"probe"}
+    found = json.loads((tmp_path / "findings.json").read_text())
+    assert any(f["quantity"].startswith("ratio where probe lost") for f in found)

@@ -73,6 +73,8 @@ def test_knowledge_probe_and_corpus(run):
     _, out = run
     test = pd.read_parquet(out / "teacher" / "knowledge_probe" / "test.parquet")
     assert list(test.columns) == ["question", "subject", "choices", "answer"] and len(test) > 100
+    marker = json.loads((out / "teacher" / "knowledge_probe" / "probe.json").read_text())
+    assert marker["synthetic"] is True and marker["splits"]["test"] == len(test)
     corpus = (out / "teacher" / "knowledge_corpus.txt").read_text()
     assert "fact : the currency of germany is the euro ." in corpus
     assert _manifest(out / "teacher")["metrics"]["knowledge_ppl"] < 50

@@ -8,6 +8,7 @@ variables as a fallback:
 
     mmlu_path      / DISTILLSCALE_MMLU_PATH      cais/mmlu schema, test + dev splits
     mmlu_pro_path  / DISTILLSCALE_MMLU_PRO_PATH  TIGER-Lab/MMLU-Pro schema, test (+ validation)
+    probe_path     / DISTILLSCALE_PROBE_PATH     the knowledge probe (synthetic; cais/mmlu schema)
     indomain_path  / DISTILLSCALE_INDOMAIN_PATH  a distillscale data folder (test.jsonl)
     taxonomy       / DISTILLSCALE_TAXONOMY       its taxonomy file (the class list)
     prompt_prefix  text before every prompt (e.g. "<bos> " for the tiny word-level models)
@@ -116,10 +117,19 @@ def _dataset(frames, validate, columns, prefix: str):
 
 def load_mmlu(**kwargs):
     """`cais/mmlu`-schema copy -> DatasetDict(test, dev)."""
+    return _cais_schema(_path(kwargs, "mmlu_path", "DISTILLSCALE_MMLU_PATH"), kwargs)
+
+
+def load_probe(**kwargs):
+    """The knowledge probe the teacher stage writes (`cais/mmlu` schema, synthetic questions)
+    -> DatasetDict(test, dev); its own task, so that it is never reported as MMLU."""
+    return _cais_schema(_path(kwargs, "probe_path", "DISTILLSCALE_PROBE_PATH"), kwargs)
+
+
+def _cais_schema(root: Path, kwargs: dict):
     # optional: HF datasets (with lm-eval), only when a task's documents are loaded
     import datasets
 
-    root = _path(kwargs, "mmlu_path", "DISTILLSCALE_MMLU_PATH")
     test = _read(split_files(root, "test"))
     if not test:
         raise LocalBenchmarkError(f"{root}: no test split (test.parquet or */test-*.parquet)")
