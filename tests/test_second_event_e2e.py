@@ -24,7 +24,7 @@ def run(tmp_path_factory, megatron):
                f"data.second_event_rate={RATE}", "data.num_examples=600",
                "teacher.train.steps=120", "teacher.supervision.depths=[label]",
                "teacher.supervision.cache.formats=[]", "distill.train.steps=10",
-               "eval.general.mmlu_path=null", "eval.bootstrap_samples=20",
+               "eval.general.probe_path=null", "eval.bootstrap_samples=20",
                "fit.bootstrap_samples=5",
                "students=[{name: w, axis: width, compression_ratio: 0.5}]"])
     assert rc == 0

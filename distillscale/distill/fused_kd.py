@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from distillscale.distill.losses import KINDS, blend, per_sequence_mean
-from distillscale.models.megatron_gpt import causal_mask
+from distillscale.models.megatron_gpt import causal_mask, hidden_and_head
 
 _LOG2 = math.log(2.0)
 
@@ -199,12 +199,6 @@ def fused_blended_cot_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _hidden_and_head(hidden_states, output_layer, output_weight, **_):
-    # megatron-core's `output_processor` hook: called with the decoder's final (normed) hidden
-    # states in place of the output layer; `output_weight` is the embedding when tied.
-    return hidden_states, output_layer.weight if output_weight is None else output_weight
-
-
 class FusedHeadKD:
     """The online KD terms of `logit_kd.distill` with the head fused into the loss.
 
@@ -237,7 +231,7 @@ class FusedHeadKD:
         b, s = tokens.shape
         pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
         hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),
-                               output_processor=_hidden_and_head)
+                               output_processor=hidden_and_head)
         if self.real_vocab is not None:
             weight = weight[: self.real_vocab]
         return hidden.transpose(0, 1), weight

@@ -37,7 +37,7 @@ from distillscale.distill.losses import (  # noqa: F401  (alpha_at, masked_mean 
     real_vocab_size,
 )
 from distillscale.manifest import read_manifest
-from distillscale.models.megatron_gpt import causal_mask, forward_logits
+from distillscale.models.megatron_gpt import causal_mask, forward_logits, logits_at
 from distillscale.teacher.logit_cache import LogitCache, fingerprint_path
 from distillscale.teacher.stage import cache_root, teacher_model_dir
 from distillscale.teacher.supervision import supervision_batch
@@ -353,8 +353,7 @@ def masked_logprobs(model, encoder: PromptEncoder, rows: list[dict], mask: str =
         step = batch_size or 256
         for i in range(0, len(rows), step):
             b = encoder.encode(rows[i : i + step])
-            logits = forward_logits(model, b.tokens)[torch.arange(len(b.answer_pos)),
-                                                     b.answer_pos]
+            logits = logits_at(model, b.tokens, b.answer_pos)
             if real_vocab is not None:
                 logits = logits[..., :real_vocab]
             out.append(logits.float().log_softmax(-1))

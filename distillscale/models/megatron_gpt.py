@@ -205,5 +205,36 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def hidden_and_head(hidden_states, output_layer, output_weight, **_):
+    """megatron-core's `output_processor` hook: called with the decoder's final (normed) hidden
+    states [s, b, h] in place of the output layer; returns them with the head weight [V, h]
+    (`output_weight` is the embedding when tied)."""
+    return hidden_states, output_layer.weight if output_weight is None else output_weight
+
+
+def logits_at(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] token ids -> [batch, vocab] logits at one position per row.
+
+    At TP 1 the output layer runs on those rows' hidden states only: on a 49k-id vocabulary
+    the head over every position is most of a forward's time on CPU, and an answer-position
+    score needs one position. Equal to `forward_logits(model, tokens)[rows, positions]` (the
+    same product on fewer rows); under TP, or with a head bias or MuP scaling that the hook
+    would skip, that is what it computes."""
+    # heavy: megatron-core, only where a Megatron model is built or run
+    from megatron.core import parallel_state
+
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    positions = positions.to(tokens.device)
+    head = getattr(model, "output_layer", None)
+    if (parallel_state.get_tensor_model_parallel_world_size() > 1 or head is None
+            or head.bias is not None or getattr(model.config, "use_mup", False)):
+        return forward_logits(model, tokens)[rows, positions]
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),
+                           output_processor=hidden_and_head)
+    return hidden[positions, rows] @ weight.T
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
