@@ -25,7 +25,8 @@ builds the real Bridge objects from it and checks the fields):
   conversion hook. `loss.alpha` < 1 -> the LM loss is kept (`skip_lm_loss=False`) and
   `kd_loss_scale = alpha / (1 - alpha)`: ModelOpt's balancer rescales the KD term to the LM
   loss's magnitude, then adds it with that weight, so the ratio of the two terms is the
-  blend's. Bridge's LM loss is CE over every completion token (trace and answer), not only the
+  blend's. `loss.alpha` = 0 (CE only) is refused: the balancer always adds the KD term.
+  Bridge's LM loss is CE over every completion token (trace and answer), not only the
   gold answer as in the local blended-CoT loss, and `alpha_warmup_steps` is not applied here.
 - training: AdamW (Megatron's `adam` with decoupled weight decay, distributed optimizer), cosine
   decay from `lr` to `min_lr` after `warmup_steps` linear warm-up, `grad_clip`; `batch_size` is
@@ -49,7 +50,13 @@ written on):
   real HF checkpoints with our parallel / precision fields; `convert_to_distillation_provider`
   (its TP / PP / seq-length consistency check included); the `ModelOptDistillConfig`,
   `TrainingConfig`, `OptimizerConfig`, `SchedulerConfig`, `CheckpointConfig`, `LoRA` and
-  `ConfigContainer` objects and their fields; the SFT JSONL.
+  `ConfigContainer` objects and their fields; the SFT JSONL. Built through Bridge's own
+  pre-wrap hooks at TP = PP = 1 on one gloo rank, bf16, with the local layer spec instead of TE
+  (tests/distill/test_bridge_provider_cpu.py): both models' HF weights, one forward, Bridge's
+  `loss_func_kd` and backward for forward KL, JSD, alpha < 1 and padded vocabularies (KD term,
+  LM term and output-layer gradient match a computation from the two models' logits; no
+  teacher gradient); LoRA + KD through Bridge's PEFT hook (adapters on the student's linears
+  only, the teacher frozen and without adapters).
 - NOT run: `distill()` itself (Megatron's `pretrain` needs NCCL and CUDA), the TE layer spec,
   bf16 training, TP / PP / SP, the checkpoint resume and the USR1 stop, the HF export of the
   trained checkpoint (`export_ckpt` on rank 0 after training, assumed to find the final
@@ -63,11 +70,11 @@ written on):
   (it overwrites logits in place). Vocabulary sizes are not checked by Bridge: teacher and
   student with different padded vocabularies are handled here by our criterion at TP = 1 and
   are an error at TP > 1 (each rank's vocabulary shard would cover different ids).
-- LoRA + KD in Bridge 0.6.2 is the least certain part: its PEFT pre-wrap hook is registered
-  after the KD-conversion hook, so the adapters are applied to the `DistillationModel`; whether
-  its name matching also wraps the co-located teacher's linears (trainable teacher adapters)
-  could not be checked without building the models on GPU. Check it on the first GPU run
-  (trainable parameter count in the log).
+- LoRA + KD in Bridge 0.6.2: its PEFT pre-wrap hook is registered after the KD-conversion hook,
+  so the adapters are applied to the `DistillationModel`, co-located teacher included; Bridge's
+  default bare target names do wrap the teacher's linears, `MEGATRON_LORA_TARGETS` does not
+  (checked on CPU with the local spec, whose module names are the TE spec's). Confirm the
+  trainable parameter count in the log of the first GPU run.
 """
 
 from __future__ import annotations
@@ -228,11 +235,18 @@ def kd_config(loss: LossConfig):
     # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.training.post_training.distillation import ModelOptDistillConfig
 
+    if loss.alpha == 0:
+        # ModelOpt 0.47 asserts kd_loss_scale > 0 (DistillationConfig.__post_init__) and its
+        # balancer always adds the KD term (`original_loss + kd_loss * kd_loss_scale`): CE alone
+        # has no mapping here (a scale of 1 would be an equal KD : CE blend).
+        raise ConfigError("distill.loss.alpha=0 (CE only, no distillation term) cannot be "
+                          "expressed by ModelOpt's loss balancer on distill.backend=bridge; use "
+                          "distill.backend=local or loss.alpha > 0")
     keep_lm = loss.alpha < 1.0
     return ModelOptDistillConfig(
         logit_layers=("output_layer", "output_layer"),
         skip_lm_loss=not keep_lm,
-        kd_loss_scale=loss.alpha / (1.0 - loss.alpha) if keep_lm and loss.alpha > 0 else 1.0,
+        kd_loss_scale=loss.alpha / (1.0 - loss.alpha) if keep_lm else 1.0,
         logit_kl_temperature=loss.temperature,
     )
 
