@@ -92,6 +92,9 @@ def test_parallel_layout_from_launch():
 @pytest.mark.parametrize("alpha,skip,scale", [(1.0, True, 1.0), (0.75, False, 3.0),
                                               (0.5, False, 1.0)])
 def test_kd_config_maps_temperature_and_blend(alpha, skip, scale):
+    from distillscale.compat import cpu
+
+    cpu.activate()  # Bridge imports transformer-engine at import time: the CPU stub first
     from megatron.bridge.training.post_training.distillation import ModelOptDistillConfig
 
     loss = _cfg(f"distill.loss.alpha={alpha}", "distill.loss.temperature=2.0").distill.loss
