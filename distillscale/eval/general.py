@@ -4,13 +4,25 @@ through lm-eval 0.4.
 Models are evaluated from their HF exports (`<stage>/hf/`, tokenizer included) with lm-eval's
 `hf` backend on CPU or `vllm` on GPU, on local benchmark copies read by the shipped task folder
 (`lm_eval_tasks/`). A CI comes from lm-eval's standard error of the mean (normal approximation).
+
+One engine per process, nothing else resident: with vLLM each export is scored in a fresh
+child process (`python -m distillscale.eval.general`, results back as JSON), so the engine
+that takes 0.8 of the GPU memory never shares a process with Megatron models or an earlier
+engine; the `hf` backend on CPU runs in process.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+from distillscale.config import GeneralEvalConfig
 from distillscale.eval.lm_eval_tasks import TASKS_DIR
 from distillscale.knowledge.general import is_knowledge_probe
 
@@ -136,14 +148,15 @@ def benchmark_paths(general_cfg, run_dir: str | Path | None = None) -> dict[str,
 
 
 def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool,
-                       tensor_parallel: int = 1,
-                       max_model_len: int | None = None) -> tuple[dict, list[str]]:
+                       tensor_parallel: int = 1, max_model_len: int | None = None,
+                       own_process: bool | None = None) -> tuple[dict, list[str]]:
     """MMLU / MMLU-Pro / the knowledge probe of one model's HF export per `eval.general`
     (paths with `{run_dir}` filled in): (metric -> CI, notes).
 
     Models with a from-scratch word-level tokenizer get the cloze prompt and an explicit
     `<bos>` (their training format) unless `eval.general.prompt` says otherwise.
     `tensor_parallel` / `max_model_len`: the vLLM engine's (`launch.vllm_tensor_parallel`).
+    `own_process`: lm-eval runs in a fresh child process (None: when the backend is vLLM).
     """
     cloze = general_cfg.prompt == "cloze" or (general_cfg.prompt == "auto" and scratch_tokenizer)
     tasks, meta, notes = general_tasks(benchmark_paths(general_cfg), cloze)
@@ -151,8 +164,68 @@ def evaluate_hf_export(hf_dir: Path, general_cfg, scratch_tokenizer: bool,
         return {}, notes
     if not (Path(hf_dir) / "config.json").is_file():
         return {}, notes + [f"{hf_dir}: no HF export; general knowledge not evaluated"]
+    if own_process is None:
+        own_process = general_cfg.backend == "vllm"
+    if own_process:
+        return _in_child_process(hf_dir, general_cfg, scratch_tokenizer, tensor_parallel,
+                                 max_model_len), notes
     meta["prompt_prefix"] = "<bos> " if scratch_tokenizer else ""
     name, args = model_spec(hf_dir, general_cfg.backend, general_cfg.batch_size,
                             tensor_parallel, max_model_len)
     res = evaluate(name, tasks, meta, general_cfg.num_fewshot, general_cfg.limit, args)
     return res, notes
+
+
+# Rank variables a launcher sets: a child that inherits them would take itself for a rank of
+# the job (vLLM and torch.distributed both read them).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def _in_child_process(hf_dir: Path, general_cfg, scratch_tokenizer: bool, tensor_parallel: int,
+                      max_model_len: int | None) -> dict:
+    """`evaluate_hf_export` in a fresh Python process (see the module docstring); its results.
+    A failure raises one line naming the model folder and the child's error."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    with socket.socket() as s:  # its own rendezvous port, not the job's
+        s.bind(("127.0.0.1", 0))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    model = Path(hf_dir).parent
+    with tempfile.TemporaryDirectory(prefix="general_eval_") as tmp:
+        request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
+        request.write_text(json.dumps({
+            "hf_dir": str(hf_dir), "general": general_cfg.model_dump(mode="json"),
+            "scratch_tokenizer": scratch_tokenizer, "tensor_parallel": tensor_parallel,
+            "max_model_len": max_model_len}))
+        # Its output streams to this process's log; the result comes back through the file.
+        rc = subprocess.run([sys.executable, "-m", __name__, str(request), str(answer)],
+                            env=env, check=False).returncode
+        out = json.loads(answer.read_text()) if answer.is_file() else {}
+    if rc or "results" not in out:
+        why = out.get("error") or "no error reported; see the log above"
+        raise RuntimeError(f"{model}: general evaluation ({general_cfg.backend}) failed in its "
+                           f"own process (exit {rc}): {why}")
+    return out["results"]
+
+
+def _child_main(request: Path, answer: Path) -> int:
+    """The child process of `_in_child_process`: reads the request, writes
+    {"results": ...} or {"error": "<one line>"} to `answer`."""
+    req = json.loads(Path(request).read_text())
+    try:
+        res, _ = evaluate_hf_export(
+            Path(req["hf_dir"]), GeneralEvalConfig.model_validate(req["general"]),
+            req["scratch_tokenizer"], req["tensor_parallel"], req["max_model_len"],
+            own_process=False)
+        out, rc = {"results": res}, 0
+    except Exception as e:  # noqa: BLE001 - any error reaches the parent as one line
+        import traceback
+
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        out, rc = {"error": f"{type(e).__name__}: {first}"}, 1
+    Path(answer).write_text(json.dumps(out))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(Path(sys.argv[1]), Path(sys.argv[2])))

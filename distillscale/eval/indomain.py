@@ -9,6 +9,10 @@ Two scoring modes:
   class parsed from the text after the reasoning; unparseable outputs count as wrong and their
   share is reported as `parse_failure_rate`.
 
+Every model is scored either as a Megatron-core model or, for a student that exists only as
+an HF export (one distilled on the Bridge path), as a transformers causal LM: `answer_logits`
+takes either.
+
 Every metric (macro / weighted F1, accuracy, gold-label accuracy, per-class F1, each
 confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resampled rows.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -31,14 +36,19 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
                    hf_dir=None) -> np.ndarray:
     """Class index predicted for each row (label-constrained: argmax over the classes).
 
+    `model`: a Megatron-core model, or a transformers causal LM (`is_hf_model`).
+
     Single-token class names: one forward, the class tokens' logits at the answer position.
     Multi-token names (a pretrained teacher's tokenizer): summed log-likelihood of each name;
-    with `hf_dir` (the model's HF export) by `class_scores_cached` (one prompt forward, every
-    continuation on the cached prefix), else by `class_scores_full` on `model`.
+    on a transformers `model`, or with `hf_dir` (the model's HF export), by
+    `class_scores_cached` (one prompt forward, every continuation on the cached prefix), else
+    by `class_scores_full` on `model`.
     """
     if multi_token(encoder):
+        if is_hf_model(model):
+            return class_scores_cached(model, encoder, rows, batch_size).argmax(-1).numpy()
         if hf_dir is not None:
-            return class_scores_cached(_hf_model(hf_dir), encoder, rows, batch_size).argmax(-1).numpy()
+            return class_scores_cached(hf_causal_lm(hf_dir), encoder, rows, batch_size).argmax(-1).numpy()
         return class_scores_full(model, encoder, rows, max(batch_size // len(encoder.labels), 1)
                                  ).argmax(-1).numpy()
     class_ids = torch.tensor(encoder.label_token_ids)
@@ -46,8 +56,7 @@ def predict_labels(model, encoder: PromptEncoder, rows: list[dict], batch_size: 
     model.eval()
     for i in range(0, len(rows), batch_size):
         b = encoder.encode(rows[i : i + batch_size])
-        logits = forward_logits(model, b.tokens)
-        at_answer = logits[torch.arange(len(b.answer_pos)), b.answer_pos]
+        at_answer = answer_logits(model, b.tokens, b.answer_pos)
         preds.append(at_answer[:, class_ids].argmax(-1))
     return torch.cat(preds).numpy()
 
@@ -66,13 +75,39 @@ def label_accuracy(model, encoder, rows: list[dict], hf_dir=None) -> float:
     return float((predict_labels(model, encoder, rows, hf_dir=hf_dir) == y).mean())
 
 
-def _hf_model(hf_dir):
+def hf_causal_lm(hf_dir):
+    """An HF export as a transformers causal LM for scoring: bf16 on the GPU, fp32 on CPU."""
     # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+_hf_model = hf_causal_lm  # the name tools/bench_label_scoring.py imports
+
+
+def is_hf_model(model) -> bool:
+    """Whether `model` is a transformers model (else a Megatron-core one)."""
+    # No import: a transformers model exists only once transformers' modeling code is loaded.
+    loaded = sys.modules.get("transformers.modeling_utils")
+    return loaded is not None and isinstance(model, loaded.PreTrainedModel)
+
+
+def answer_logits(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] token ids -> [batch, vocab] logits at one position per row, of a
+    Megatron-core model (`forward_logits`, on its device) or a transformers causal LM (on CPU,
+    fp32). Both attend to every earlier token, padding included, with positions 0..seq-1."""
+    if is_hf_model(model):
+        device = next(model.parameters()).device
+        # The LM head on the scored rows only: over every position it would hold
+        # [batch, seq, vocab] logits (GBs at a 150k vocabulary).
+        hidden = model.base_model(input_ids=tokens.to(device)).last_hidden_state
+        hidden = hidden[torch.arange(len(positions), device=device), positions.to(device)]
+        return model.get_output_embeddings()(hidden).float().cpu()
+    logits = forward_logits(model, tokens)
+    return logits[torch.arange(len(positions)), positions]
 
 
 @torch.no_grad()
@@ -211,7 +246,7 @@ def generate_labels(
 
     With `depth` (`cot_short` / `cot_long`) the prompt opens the model's reasoning with that
     thinking token, as the CoT-supervised students were trained; otherwise it ends at the
-    answer cue and the model answers directly.
+    answer cue and the model answers directly. `model`: Megatron-core or transformers.
     """
     texts: list[str] = []
     model.eval()
@@ -241,7 +276,7 @@ def generate_labels(
 def _greedy(model, encoder: PromptEncoder, prompts: list[list[int]], max_new: int) -> list[str]:
     # Full recompute per step (no KV cache): the models scored this way on CPU are tiny, and
     # megatron-core's inference engine needs CUDA. Left padding keeps every row's last prompt
-    # token at the same position.
+    # token at the same position (and a transformers model sees what a Megatron one does).
     budget = encoder.seq_length
     seqs = [p[-(budget - 1):] for p in prompts]
     done = [False] * len(seqs)
@@ -253,7 +288,8 @@ def _greedy(model, encoder: PromptEncoder, prompts: list[list[int]], max_new: in
         toks = torch.full((len(seqs), width), encoder.pad_id, dtype=torch.long)
         for j, s in enumerate(seqs):
             toks[j, width - len(s):] = torch.tensor(s)
-        nxt = forward_logits(model, toks)[:, -1].argmax(-1).tolist()
+        last = torch.full((len(seqs),), width - 1, dtype=torch.long)
+        nxt = answer_logits(model, toks, last).argmax(-1).tolist()
         for j, t in enumerate(nxt):
             if done[j]:
                 continue

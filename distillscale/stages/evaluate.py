@@ -1,18 +1,26 @@
 """Evaluate: the teacher and every pruned and distilled student (every schedule step) on the
 held-out split — in-domain macro F1 / accuracy with bootstrap CIs (`eval/indomain.py`) and
-general knowledge through lm-eval on the HF exports (`eval/general.py`)."""
+general knowledge through lm-eval on the HF exports (`eval/general.py`).
+
+A model is read from its Megatron checkpoint, or, for a student distilled on the Bridge path
+(which writes only `hf/`), from its HF export with transformers. General knowledge runs first,
+before this process loads any model: on GPU each export gets a vLLM engine in a process of
+its own, which must be the only model on its GPUs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from distillscale.config import ModelArch
 from distillscale.eval.general import benchmark_paths, evaluate_hf_export
-from distillscale.eval.indomain import generate_labels, predict_labels, score_detailed
+from distillscale.eval.indomain import generate_labels, hf_causal_lm, predict_labels, score_detailed
 from distillscale.manifest import StageOutput
-from distillscale.models.checkpoint import load_model
+from distillscale.models.checkpoint import CHECKPOINT, load_model
+from distillscale.models.hf_io import arch_from_hf_config
 from distillscale.models.megatron_gpt import count_params
 from distillscale.runner import Context, Stage, console, student_folders
 from distillscale.stages.rows import encoder, load_split
@@ -39,50 +47,92 @@ def _inputs(ctx: Context) -> dict[str, Path]:
     return {"data": ctx.paths.data, **evaluated_models(ctx)[0]}
 
 
+def _hf_only(folder: Path) -> bool:
+    """No Megatron checkpoint but an HF export: a student distilled on the Bridge path."""
+    folder = Path(folder)
+    return (not (folder / CHECKPOINT / "arch.json").is_file()
+            and (folder / "hf" / "config.json").is_file())
+
+
+def model_shape(folder: Path) -> ModelArch:
+    """A model folder's shape, no weights read: `arch.json`, or the HF export's config.json."""
+    folder = Path(folder)
+    if _hf_only(folder):
+        return arch_from_hf_config(folder / "hf")[0]
+    meta = folder / CHECKPOINT / "arch.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder}: no model checkpoint ({meta} missing) and no HF export")
+    return ModelArch.model_validate(json.loads(meta.read_text())["arch"])
+
+
+def load_evaluated(folder: Path):
+    """(model, shape, parameter count) of a model folder: the Megatron-core model of its
+    checkpoint, or for an HF-only folder (`_hf_only`) the transformers model of its export, the
+    shape from its config.json. `parameters()` yields a tied embedding / LM head once in both,
+    so the counts agree."""
+    folder = Path(folder)
+    if _hf_only(folder):
+        model, arch = hf_causal_lm(folder / "hf"), model_shape(folder)
+    else:
+        model, arch, _ = load_model(folder)
+    return model, arch, count_params(model)
+
+
+def indomain_predictions(ctx: Context, name: str, folder: Path, model, enc,
+                         rows: list[dict]) -> np.ndarray:
+    """Class index (generative: -1 for no answer) predicted by the model `name` for each row."""
+    cfg = ctx.cfg
+    if cfg.eval.scoring == "generative":
+        # CoT-supervised students open their reasoning as they were trained to.
+        depth = cfg.distill.supervision if (
+            name.endswith("distilled") and cfg.distill.supervision.startswith("cot")
+        ) else None
+        pred, _texts = generate_labels(model, enc, rows, cfg.eval.max_new_tokens, depth,
+                                       cfg.eval.batch_size)
+        return pred
+    # Multi-token class names are scored on the HF export's KV cache.
+    hf_dir = Path(folder) / "hf"
+    return predict_labels(model, enc, rows, cfg.eval.batch_size,
+                          hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None)
+
+
 def _body(ctx: Context, out: StageOutput) -> None:
     cfg, p = ctx.cfg, ctx.paths
     general_cfg = cfg.eval.general.model_copy(
         update=benchmark_paths(cfg.eval.general, cfg.run_dir))
     models, step_of = evaluated_models(ctx)
+    seq_length = model_shape(p.teacher).seq_length
+    # General knowledge first, while this process holds no model (vLLM: one child process per
+    # export). On GPU lm-eval runs vLLM: the launch plan's TP, the context the models have.
+    general, notes = {}, set()
+    for name, folder in models.items():
+        general[name], why = evaluate_hf_export(folder / "hf", general_cfg,
+                                                cfg.teacher.source == "scratch",
+                                                tensor_parallel=cfg.launch.vllm_tensor_parallel,
+                                                max_model_len=seq_length)
+        notes.update(why)
     rows = load_split(p.data, cfg.eval.split)
     dataset_size = len(load_split(p.data, "train"))
-    teacher, t_arch, _ = load_model(p.teacher)
-    enc, _ = encoder(ctx, t_arch.seq_length)
+    enc, _ = encoder(ctx, seq_length)
     idx = {n: i for i, n in enumerate(enc.labels)}
     y = np.array([idx[r["label"]] for r in rows])
     y_gold = np.array([idx.get(r.get("gold_label", r["label"]), -1) for r in rows])
-    teacher_params = count_params(teacher)
-    records, preds, per_class, cells, notes = [], {}, [], [], set()
+    records, preds, per_class, cells = [], {}, [], []
     by_name = {s.name: s for s in cfg.students}
     generative = cfg.eval.scoring == "generative"
-    for name, folder in models.items():
-        model, arch, _ = (teacher, t_arch, None) if name == "teacher" else load_model(folder)
-        if generative:
-            # CoT-supervised students open their reasoning as they were trained to.
-            depth = cfg.distill.supervision if (
-                name.endswith("distilled") and cfg.distill.supervision.startswith("cot")
-            ) else None
-            pred, _texts = generate_labels(model, enc, rows, cfg.eval.max_new_tokens, depth,
-                                           cfg.eval.batch_size)
-        else:
-            # Multi-token class names are scored on the HF export's KV cache.
-            hf_dir = folder / "hf"
-            pred = predict_labels(model, enc, rows, cfg.eval.batch_size,
-                                  hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None)
-        preds[name] = pred
+    teacher_params = None
+    for name, folder in models.items():  # the teacher first
+        model, arch, params = load_evaluated(folder)
+        pred = preds[name] = indomain_predictions(ctx, name, folder, model, enc, rows)
+        del model  # one model resident at a time
+        if name == "teacher":
+            teacher_params = params
         metrics, pc, cm = score_detailed(
             y, pred, y_gold, cfg.eval.bootstrap_samples, cfg.seed, generative, enc.labels)
         per_class += [{"model": name, **r} for r in pc]
         cells += [{"model": name, **r} for r in cm]
-        # On GPU lm-eval runs vLLM: the launch plan's TP for it, the context the models have.
-        general, why = evaluate_hf_export(folder / "hf", general_cfg,
-                                          cfg.teacher.source == "scratch",
-                                          tensor_parallel=cfg.launch.vllm_tensor_parallel,
-                                          max_model_len=t_arch.seq_length)
-        notes.update(why)
         metrics.update({k: {c: v[c] for c in ("value", "ci_low", "ci_high")}
-                        for k, v in general.items()})
-        params = count_params(model)
+                        for k, v in general[name].items()})
         student = by_name.get(name.split("/")[0])
         base = {
             "model": name, "params": params, "compression_ratio": params / teacher_params,
