@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import torch
 
-from distillscale.models.megatron_gpt import forward_logits
+from distillscale.models.megatron_gpt import forward_logits, logits_at
 from distillscale.tokenizer import PromptEncoder
 
 
@@ -97,7 +97,7 @@ def is_hf_model(model) -> bool:
 
 def answer_logits(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[batch, seq] token ids -> [batch, vocab] logits at one position per row, of a
-    Megatron-core model (`forward_logits`, on its device) or a transformers causal LM (on CPU,
+    Megatron-core model (`logits_at`: the head on those rows only) or a transformers causal LM (on CPU,
     fp32). Both attend to every earlier token, padding included, with positions 0..seq-1."""
     if is_hf_model(model):
         device = next(model.parameters()).device
@@ -106,8 +106,7 @@ def answer_logits(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch
         hidden = model.base_model(input_ids=tokens.to(device)).last_hidden_state
         hidden = hidden[torch.arange(len(positions), device=device), positions.to(device)]
         return model.get_output_embeddings()(hidden).float().cpu()
-    logits = forward_logits(model, tokens)
-    return logits[torch.arange(len(positions)), positions]
+    return logits_at(model, tokens, positions)
 
 
 @torch.no_grad()

@@ -113,6 +113,8 @@ def test_generative_scoring_decodes_then_parses(monkeypatch):
         return out
 
     monkeypatch.setattr(ind, "forward_logits", fake_logits)
+    monkeypatch.setattr(ind, "logits_at",
+                        lambda m, t, p: fake_logits(m, t)[torch.arange(len(p)), p])
     rows = [{"text": "acme buys rival", "label": labels[0]},
             {"text": "acme beats estimates", "label": labels[1]}]
     pred, texts = ind.generate_labels(torch.nn.Identity(), enc, rows, max_new_tokens=20, depth="cot_short")
