@@ -57,11 +57,16 @@ written on):
   LM term and output-layer gradient match a computation from the two models' logits; no
   teacher gradient); LoRA + KD through Bridge's PEFT hook (adapters on the student's linears
   only, the teacher frozen and without adapters).
+- Exported on CPU (tests/distill/test_bridge_export_cpu.py): a `torch_dist` checkpoint that
+  Bridge's own `save_checkpoint` wrote from that model, through `export_in_fresh_process`
+  (`export_ckpt`, and `export_adapter_ckpt` from the `iter_*` folder with the run's LoRA rank
+  and alpha, merged with peft): HF logits equal the Megatron student's within 1e-4. The save
+  needs `torch.cuda.get_rng_state` and the adapter export rebuilds with the TE spec, so the test
+  stubs the first and switches the second to the local spec.
 - NOT run: `distill()` itself (Megatron's `pretrain` needs NCCL and CUDA), the TE layer spec,
-  bf16 training, TP / PP / SP, the checkpoint resume and the USR1 stop, the HF export of the
-  trained checkpoint (`export_ckpt` on rank 0 after training, assumed to find the final
-  checkpoint Megatron writes at `train_iters`) and the LoRA merge. No step time, memory or
-  accuracy figure exists for this path.
+  bf16 training steps, TP / PP / SP, the checkpoint resume and the USR1 stop, an export of a
+  TE-spec or TP / PP-sharded checkpoint. No step time, memory or accuracy figure exists for
+  this path.
 - Read in Bridge 0.6.2 (`models/distillation_provider.py`, `training/distill.py`,
   `training/post_training/distillation.py`): the teacher is co-located and built with the
   student's TP / PP (PP works: ModelOpt's criterion exists on the last stage only and the
