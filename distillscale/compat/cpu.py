@@ -5,7 +5,9 @@ Megatron-Bridge 0.6) run on a CPU-only machine with the same versions as the NGC
 call, a no-op when CUDA is available): the megatron-core ones and the transformer-engine import
 stub at once, those of peft and of ModelOpt's Minitron plugin when those modules are imported
 (post-import hooks, so a process that never prunes or adds LoRA adapters never imports them).
-Code that builds a Megatron model calls it first; nothing depends on import order. Each shim says
+Code that builds a Megatron model calls it first; nothing depends on import order. One shim is
+scoped instead of switched on: `tensor_cuda_as_identity()`, around the library calls that move
+tensors to the GPU before a collective (pruning over several gloo ranks). Each shim says
 why it exists and which upstream version needs it. The one patch that applies on every device,
 `restore_student_methods` (ModelOpt's distillation export), is here too, so that nothing else in
 the package patches library internals.
@@ -224,6 +226,34 @@ def _install_transformer_engine_stub() -> None:
     _APPLIED.add("te_stub")
 
 
+@contextlib.contextmanager
+def tensor_cuda_as_identity():
+    """Within the block, on a machine without CUDA, `Tensor.cuda()` returns the tensor itself
+    (restored on exit; a no-op context with CUDA). For library code that moves tensors to the
+    GPU unconditionally before a collective, which gloo runs on CPU tensors as they are:
+
+    - ModelOpt 0.47's object collectives, `modelopt/torch/utils/distributed.py` `broadcast`
+      (line 128) and `allgather` (line 158), used by the Minitron conversion
+      (`modelopt/torch/nas/plugins/megatron.py` `_DynamicMCoreLanguageModel._setup`) at world
+      size > 1;
+    - megatron-core 0.19's tied-embedding sync across pipeline stages
+      (`models/common/language_module/language_module.py:307`,
+      `setup_embeddings_and_output_layer`: `weight.data = weight.data.cuda()`) at PP > 1.
+
+    With one process neither runs. Scoped, not process-wide, so a stray `.cuda()` elsewhere
+    still fails loudly on CPU.
+    """
+    if cuda_available():
+        yield
+        return
+    saved = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = saved  # type: ignore[method-assign]
+
+
 # =============================================================================================
 # BEGIN ModelOpt Minitron pruning on CPU (local layer spec) -- used by distillscale.prune
 # =============================================================================================
@@ -418,17 +448,16 @@ def _make_layer_drop_cpu_safe(mcore_minitron) -> None:
 
     @functools.wraps(orig)
     def drop_layers(model, *, layers_to_drop):
-        saved_cuda, saved_gather = torch.Tensor.cuda, dist.all_gather_into_tensor
+        saved_gather = dist.all_gather_into_tensor
 
         def gather(output, inp, *args, **kwargs):
             return saved_gather(output, inp.reshape(1) if inp.dim() == 0 else inp, *args, **kwargs)
 
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
         dist.all_gather_into_tensor = gather
         try:
-            return orig(model, layers_to_drop=layers_to_drop)
+            with tensor_cuda_as_identity():
+                return orig(model, layers_to_drop=layers_to_drop)
         finally:
-            torch.Tensor.cuda = saved_cuda  # type: ignore[method-assign]
             dist.all_gather_into_tensor = saved_gather
 
     drop_layers._distillscale_cpu_safe = True  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import activate, cuda_available
+from distillscale.compat.cpu import activate, cuda_available, tensor_cuda_as_identity
 from distillscale.config import ModelArch
 from distillscale.prune.shapes import check_target, pruned_arch
 
@@ -170,35 +170,39 @@ def prune_hf_through_bridge(
     target = dict(target)
     if not target:
         raise ValueError("empty pruning target")
-    bridge, _, chunks, model = load_bridge_model(
-        hf_dir, pipeline_parallel, seq_length=seq_length, dtype=dtype)
-    arch = arch_of(model, seq_length)
-    check_target(arch, target, hidden_size_divisor=hidden_size_divisor,
-                 ffn_hidden_size_divisor=ffn_hidden_size_divisor)
-    new_arch = pruned_arch(arch, target)
+    # On CPU at world size > 1, ModelOpt's object collectives and megatron-core's tied-embedding
+    # sync call `.cuda()` before gloo collectives (`compat/cpu.py`).
+    with tensor_cuda_as_identity():
+        bridge, _, chunks, model = load_bridge_model(
+            hf_dir, pipeline_parallel, seq_length=seq_length, dtype=dtype)
+        arch = arch_of(model, seq_length)
+        check_target(arch, target, hidden_size_divisor=hidden_size_divisor,
+                     ffn_hidden_size_divisor=ffn_hidden_size_divisor)
+        new_arch = pruned_arch(arch, target)
 
-    config = mtp.mcore_minitron.get_mcore_minitron_config(
-        hidden_size_divisor=hidden_size_divisor, ffn_hidden_size_divisor=ffn_hidden_size_divisor,
-        num_layers_divisor=1)
-    search: dict[str, Any] = {"forward_loop": calibration_loop(calibration)}
-    if scores_path is not None:
-        search["checkpoint"] = str(scores_path)
-    start = time.perf_counter()
-    model, state = mtp.prune(model, mode=[("mcore_minitron", config)],
-                             constraints={"export_config": target}, dummy_input=None,
-                             config=search)
-    seconds = time.perf_counter() - start
-    # The pruned weights are plain tensors now; the HF export and later builds need no
-    # ModelOpt state (as ModelOpt's example drops it).
-    if mto.ModeloptStateManager.has_state_for_mode_type("prune", model=model):
-        mto.ModeloptStateManager.remove_state(model)
-    for key, value in target.items():
-        if getattr(model.config, key) != value:
-            raise RuntimeError(f"ModelOpt did not prune {key}: the model has "
-                               f"{getattr(model.config, key)}, requested {value}")
-    ranked = state.get("sorted_layers")
-    kept = sorted(ranked[: new_arch.num_layers]) if ranked else list(range(1, arch.num_layers + 1))
-    export_hf_pruned(bridge, chunks, model.config, kept, out_dir, source=hf_dir)
+        config = mtp.mcore_minitron.get_mcore_minitron_config(
+            hidden_size_divisor=hidden_size_divisor,
+            ffn_hidden_size_divisor=ffn_hidden_size_divisor, num_layers_divisor=1)
+        search: dict[str, Any] = {"forward_loop": calibration_loop(calibration)}
+        if scores_path is not None:
+            search["checkpoint"] = str(scores_path)
+        start = time.perf_counter()
+        model, state = mtp.prune(model, mode=[("mcore_minitron", config)],
+                                 constraints={"export_config": target}, dummy_input=None,
+                                 config=search)
+        seconds = time.perf_counter() - start
+        # The pruned weights are plain tensors now; the HF export and later builds need no
+        # ModelOpt state (as ModelOpt's example drops it).
+        if mto.ModeloptStateManager.has_state_for_mode_type("prune", model=model):
+            mto.ModeloptStateManager.remove_state(model)
+        for key, value in target.items():
+            if getattr(model.config, key) != value:
+                raise RuntimeError(f"ModelOpt did not prune {key}: the model has "
+                                   f"{getattr(model.config, key)}, requested {value}")
+        ranked = state.get("sorted_layers")
+        kept = (sorted(ranked[: new_arch.num_layers]) if ranked
+                else list(range(1, arch.num_layers + 1)))
+        export_hf_pruned(bridge, chunks, model.config, kept, out_dir, source=hf_dir)
     if info is not None:
         info.update(layer_scores={int(k): float(v)
                                   for k, v in (state.get("layer_scores") or {}).items()},

@@ -3,13 +3,10 @@ on CPU: a tiny random Qwen3 (tied embeddings, QK layernorm; local layer spec) pr
 depth at PP 1 (this process) and at PP 2 (two gloo processes: `python THIS_FILE --worker`), then
 exported to HF by Bridge and re-imported with transformers.
 
-What PP 2 needs on CPU that the library does not do: ModelOpt 0.47's object collectives
-(`modelopt/torch/utils/distributed.py` `broadcast`, `allgather`, used by the Minitron conversion
-at `modelopt/torch/nas/plugins/megatron.py` `_DynamicMCoreLanguageModel._setup`) and
-megatron-core 0.19's tied-embedding sync across pipeline stages
-(`models/common/language_module/language_module.py`, `setup_embeddings_and_output_layer`) call
-`.cuda()` unconditionally; with one process neither runs. The worker makes `Tensor.cuda` the
-identity on CPU for its whole (prune-only) process.
+At PP 2 on CPU, ModelOpt 0.47's object collectives and megatron-core 0.19's tied-embedding sync
+call `.cuda()` unconditionally; `prune_hf_through_bridge` runs them inside the CPU shim
+`compat/cpu.py` `tensor_cuda_as_identity` (scoped to the prune; the worker patches nothing), and
+the test checks `Tensor.cuda` is restored afterwards.
 """
 
 from __future__ import annotations
@@ -56,12 +53,12 @@ def _prune(teacher: Path, out: Path, pipeline_parallel: int) -> dict:
 
 
 def _worker(teacher: Path, out: Path) -> None:
-    if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # see the module docstring
     from distillscale.models.megatron_gpt import init_distributed
 
+    cuda = torch.Tensor.cuda
     init_distributed(pipeline_parallel=int(os.environ["WORLD_SIZE"]))
     result = _prune(teacher, out, int(os.environ["WORLD_SIZE"]))
+    result["cuda_restored"] = torch.Tensor.cuda is cuda  # the shim is scoped to the prune
     if int(os.environ["RANK"]) == 0:
         torch.save(result, out / "result.pt")
 
@@ -140,6 +137,7 @@ def test_pp2_on_two_gloo_ranks_gives_the_pp1_student(teacher, pp1, tmp_path):
     run_ranks([sys.executable, __file__, "--worker", str(teacher), str(tmp_path)], world=2)
     res2 = torch.load(tmp_path / "result.pt", weights_only=False)
     out1, res1 = pp1
+    assert res2["cuda_restored"]
 
     # Same calibration, same HF weights: ModelOpt's importance reductions over the pipeline group
     # (hidden_size activations all-reduced, layer scores gathered) give the same scores, the same
