@@ -182,10 +182,11 @@ def prune_layout(cfg: ExperimentConfig, world_size: int | None = None,
     that the model *config* says TP 1, `nas/plugins/megatron.py`, while megatron-core shards by
     the process group, so a TP > 1 group would be pruned silently sharded). PP is the smallest
     divisor of the node's GPUs that divides the teacher's layers and brings its bf16 weights per
-    GPU under PRUNE_WEIGHT_BUDGET_GIB (1 for an 8B teacher: 16 GB). Our prune builder
-    (`models/megatron_gpt.py` `build_gpt`) builds one pipeline stage, so a teacher that needs
-    PP > 1 is refused in one line; pruning it needs Bridge providers
-    (`modelopt.torch.utils.plugins.mbridge.load_mbridge_model_from_hf`). DP = world / PP."""
+    GPU under PRUNE_WEIGHT_BUDGET_GIB (1 for an 8B teacher: 16 GB; 4 on 8 GPUs for a 70B one).
+    PP > 1 is for an HF teacher (`teacher.source: hf`) only: the prune stage then prunes its HF
+    checkpoint through its Bridge provider split over PP stages (`prune/bridge_prune.py`); our
+    own builder (`models/megatron_gpt.py` `build_gpt`, the scratch teacher's) builds one stage.
+    Refused in one line: no divisor fits, or PP > 1 for a scratch teacher. DP = world / PP."""
     world = world_size if world_size is not None else cfg.launch.nodes * max(
         cfg.launch.gpus_per_node, 1)
     gpus = gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node
@@ -201,11 +202,11 @@ def prune_layout(cfg: ExperimentConfig, world_size: int | None = None,
         raise ConfigError(
             f"prune: the teacher ({gib:.0f} GiB in bf16, {arch.num_layers} layers) does not fit "
             f"{max(gpus, 1)} GPU(s) of a node at {PRUNE_WEIGHT_BUDGET_GIB:.0f} GiB each")
-    if pp > 1:
+    if pp > 1 and cfg.teacher.source != "hf":
         raise ConfigError(
             f"prune: the teacher ({gib:.0f} GiB in bf16) needs pipeline_parallel={pp} to be "
-            "pruned, and the prune stage builds one pipeline stage (models/megatron_gpt.py); "
-            "prune a smaller teacher or add a Bridge-provider prune")
+            "pruned, which only an HF teacher gets (teacher.source: hf, pruned through its "
+            "Bridge provider); a scratch teacher is pruned on one pipeline stage")
     if world % pp:
         raise ConfigError(f"prune: pipeline_parallel={pp} does not divide the {world} rank(s)")
     return 1, pp, world // pp
