@@ -18,7 +18,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distillscale.compat.cpu import activate, cuda_available, tensor_cuda_as_identity
+from distillscale.compat.cpu import (
+    activate,
+    cuda_available,
+    real_transformer_engine,
+    tensor_cuda_as_identity,
+)
 from distillscale.config import ModelArch
 from distillscale.prune.shapes import check_target, pruned_arch
 
@@ -47,8 +52,6 @@ def load_bridge_model(hf_dir: str | Path, pipeline_parallel: int, *, seq_length:
     from megatron.bridge.models.gpt_provider import local_layer_spec
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
-
-    from distillscale.compat.cpu import real_transformer_engine
 
     if parallel_state.get_pipeline_model_parallel_world_size() != pipeline_parallel:
         raise RuntimeError(
@@ -97,6 +100,7 @@ def pipeline_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     0.19's `broadcast_from_last_pipeline_stage` that `megatron_prefill` ends with asserts CUDA
     tensors (`inference/communication_utils.py`, `_is_cuda`).
     """
+    # heavy: megatron-core, only where a Megatron model is run
     from megatron.core import parallel_state as ps
 
     b, s = tokens.shape
@@ -215,6 +219,7 @@ def export_hf_pruned(bridge, chunks, config, kept_layers: list[int], out_dir: st
     """Write the pruned model as an HF checkpoint of the teacher's family: the teacher's config
     with the pruned sizes (and per-layer fields of the kept layers), weights streamed by Bridge
     from every stage. Collective: every rank calls it."""
+    # heavy: Megatron-Bridge and transformers, only where a pruned model is exported
     from megatron.bridge import AutoBridge
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -3,20 +3,30 @@ forwards, then width or depth pruning), saved with its HF export (`prune/minitro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from distillscale.config import StudentTarget
-from distillscale.distill.export import check_hf_export
+from distillscale.compat.cpu import cuda_available
+from distillscale.config import ModelArch, StudentTarget
+from distillscale.distill.export import (
+    CPU_TOLERANCE,
+    GPU_TOLERANCE,
+    ExportMismatchError,
+    check_hf_export,
+)
 from distillscale.launch.allocation import prune_layout
 from distillscale.launch.ranks import world_size
-from distillscale.manifest import StageOutput, input_hash, read_manifest
-from distillscale.models.checkpoint import load_model, save_model
+from distillscale.manifest import StageOutput, input_hash, read_manifest, writer_path
+from distillscale.models.checkpoint import CHECKPOINT, load_model, save_model
 from distillscale.models.hf_io import save_hf
 from distillscale.models.megatron_gpt import count_params, forward_logits
+from distillscale.prune.bridge_prune import pipeline_logits, prune_hf_through_bridge
 from distillscale.prune.minitron import prune_minitron
+from distillscale.prune.shapes import pruned_arch
 from distillscale.runner import Context, Stage, student_folders, student_steps
+from distillscale.runtime import ranks
 from distillscale.stages.rows import encoder, load_split
 
 
@@ -37,6 +47,9 @@ def _source(ctx: Context, student: StudentTarget, step: int) -> Path:
 
 
 def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> None:
+    if pipeline_stages() > 1:  # a teacher too large for one GPU (`prune_layout`)
+        _body_pipelined(ctx, out, student, step)
+        return
     cfg, p = ctx.cfg, ctx.paths
     steps = student_steps(ctx, student)
     plan, src, label = steps[step - 1], _source(ctx, student, step), step_label(ctx, student, step)
@@ -80,6 +93,116 @@ def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> 
         "dropped_layers": info.get("dropped_layers"),
         "prune_seconds": round(info.get("prune_seconds", 0.0), 2),
     })
+
+
+def pipeline_stages() -> int:
+    """The pipeline size of this process's Megatron parallel state (1 when none is set up)."""
+    # heavy: megatron-core, only where a Megatron model is built or run
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def _body_pipelined(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> None:
+    """The prune stage at PP > 1: the source's HF checkpoint (`<source>/hf`) pruned through its
+    Bridge provider split over the pipeline stages, into the same files and metrics as PP 1."""
+    cfg, p = ctx.cfg, ctx.paths
+    steps = student_steps(ctx, student)
+    plan, src, label = steps[step - 1], _source(ctx, student, step), step_label(ctx, student, step)
+    meta = json.loads((src / CHECKPOINT / "arch.json").read_text())  # no model is loaded
+    arch, vocab = ModelArch.model_validate(meta["arch"]), int(meta["vocab_size"])
+    enc, tok = encoder(ctx, arch.seq_length)
+    calib = load_split(p.data, "train")[: cfg.prune.calibration_samples]
+    scores = p.root / "importance" / (
+        f"{input_hash(src)}-n{cfg.prune.calibration_samples}-s{cfg.seed}")
+    metrics = prune_pipelined(
+        src / "hf", arch, vocab, plan.target,
+        [enc.encode(calib[i : i + 32]).tokens for i in range(0, len(calib), 32)], out.path,
+        probe=enc.encode(calib[:8]).tokens, tokenizer=tok, scores_dir=scores,
+        hidden_size_divisor=cfg.prune.hidden_size_divisor,
+        ffn_hidden_size_divisor=cfg.prune.ffn_hidden_size_divisor)
+    if ModelArch.model_validate(metrics["arch"]) != plan.arch:
+        raise RuntimeError(f"prune {label}: got {metrics['arch']}, the schedule planned "
+                           f"{plan.arch}")
+    teacher_params = int(read_manifest(p.teacher)["metrics"]["params"])
+    out.metrics.update(metrics)
+    out.metrics.update({
+        "axis": student.axis, "target": plan.target, "teacher_params": teacher_params,
+        "compression_ratio": metrics["params"] / teacher_params,
+        "requested_ratio": student.compression_ratio, "planned_ratio": plan.planned_ratio,
+        "schedule": cfg.prune.schedule, "step": step, "steps": len(steps), "source": str(src),
+    })
+
+
+def prune_pipelined(hf_dir: Path, arch: ModelArch, vocab: int, target: dict[str, int],
+                    calibration: list[torch.Tensor], folder: Path, *, probe: torch.Tensor,
+                    tokenizer=None, scores_dir: Path | None = None, hidden_size_divisor: int = 16,
+                    ffn_hidden_size_divisor: int = 32) -> dict:
+    """Prune the HF checkpoint `hf_dir` (of shape `arch`, `vocab`) to `target` at TP 1 and this
+    process's PP (`prune/bridge_prune.py`), writing what the PP 1 path writes into `folder`:
+    `checkpoint/` (`save_model`: a split model writes megatron-core's `dist/` checkpoint, which
+    `load_model` reshards to any layout, one process included) with `arch.json`, and `hf/`
+    (Bridge's export, checked against the pipelined model's logits on `probe`). Collective: every
+    rank calls it with its own stage folder. Returns the metrics the PP 1 path records from the
+    prune (arch, params, hf_max_abs_logit_diff, importance_cached, dropped_layers,
+    prune_seconds)."""
+    # heavy: megatron-core and transformers, only where a model is pruned
+    from megatron.core import parallel_state as ps
+    from transformers import AutoModelForCausalLM
+
+    pp, hf_out = pipeline_stages(), writer_path(Path(folder)) / "hf"
+    stem = None
+    if scores_dir is not None:  # ModelOpt's per-rank score files, of this pipeline split
+        Path(scores_dir).mkdir(parents=True, exist_ok=True)
+        stem = Path(scores_dir) / f"pp{pp}-rank"
+    cached = stem is not None and any(Path(scores_dir).glob(f"{stem.name}*"))
+    info: dict = {}
+    _, model, got = prune_hf_through_bridge(
+        hf_dir, target, calibration, hf_out, pipeline_parallel=pp, seq_length=arch.seq_length,
+        dtype=torch.bfloat16 if cuda_available() else torch.float32,
+        hidden_size_divisor=hidden_size_divisor, ffn_hidden_size_divisor=ffn_hidden_size_divisor,
+        scores_path=stem, info=info)
+    # Bridge's arch carries the shape; the teacher's arch the rest (RoPE, norm epsilon, ...).
+    new_arch = pruned_arch(arch, target)
+    shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+             "num_query_groups", "kv_channels", "qk_layernorm", "add_qkv_bias",
+             "tie_word_embeddings")
+    if any(getattr(got, k) != getattr(new_arch, k) for k in shape) or model.vocab_size != vocab:
+        raise RuntimeError(f"{hf_dir}: Bridge built {got} (vocab {model.vocab_size}), the "
+                           f"checkpoint's arch.json says {new_arch} (vocab {vocab})")
+    model.eval()
+    save_model(model, new_arch, vocab, Path(folder))
+    # Parameters of every stage; the last stage's output layer is the first stage's embedding
+    # when they are tied, counted once as at PP 1.
+    local = sum(p.numel() for n, p in model.named_parameters()
+                if not (n == "output_layer.weight" and model.share_embeddings_and_output_weights
+                        and not ps.is_pipeline_first_stage()))
+    total = torch.tensor([local], dtype=torch.long)
+    torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    with torch.no_grad():
+        logits = pipeline_logits(model, probe)
+    diff = 0.0
+    if ranks.is_rank_zero():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(hf_out)
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_out), dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = float((hf(input_ids=probe.cpu()).logits.float() - logits.cpu()).abs().max())
+        tol = GPU_TOLERANCE if cuda_available() else CPU_TOLERANCE
+        if not diff <= tol:
+            raise ExportMismatchError(f"{hf_out}: HF export does not reproduce the model: max "
+                                      f"|logit diff| {diff:.3g} > {tol}")
+    ranks.barrier()
+    kept = info.get("kept_layers") or []
+    return {
+        "arch": new_arch.model_dump(mode="json"), "params": int(total.item()),
+        "hf_max_abs_logit_diff": diff, "importance_cached": cached,
+        "dropped_layers": sorted(set(range(1, arch.num_layers + 1)) - set(kept)),
+        "prune_seconds": round(info.get("prune_seconds", 0.0), 2),
+        "pipeline_parallel": pp, "kept_layers": kept,
+    }
 
 
 def _summary(ctx: Context, m: dict, student: StudentTarget, step: int) -> str:
