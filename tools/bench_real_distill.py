@@ -23,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -81,10 +82,10 @@ def main() -> None:
                 _, history = distill(model, teacher, enc, rows, dcfg, cfg.seed,
                                      Path(tmp) / "last.pt", f"bench {impl} {rep + 1}",
                                      eval_fn=tick, real_vocab=real_vocab)
-            times[impl] += [b - a for a, b in zip(stamps, stamps[1:])]
+            times[impl] += [b - a for a, b in pairwise(stamps)]
             first_loss.setdefault(impl, float(history[0]["loss"]))
             print(f"{impl} repeat {rep + 1}: steps 2..{args.steps} "
-                  f"{[round(b - a, 1) for a, b in zip(stamps, stamps[1:])]} s", flush=True)
+                  f"{[round(b - a, 1) for a, b in pairwise(stamps)]} s", flush=True)
     step_s = {k: statistics.median(v) for k, v in times.items()}
     loss_diff = abs(first_loss["fused_head"] - first_loss["logits"]) / abs(first_loss["logits"])
 

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from distillscale.config import GeneralEvalConfig
@@ -218,8 +219,6 @@ def _child_main(request: Path, answer: Path) -> int:
             own_process=False)
         out, rc = {"results": res}, 0
     except Exception as e:  # noqa: BLE001 - any error reaches the parent as one line
-        import traceback
-
         traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         out, rc = {"error": f"{type(e).__name__}: {first}"}, 1
