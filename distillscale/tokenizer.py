@@ -253,6 +253,20 @@ class ChatPromptEncoder:
             self._prompts[key] = ids
         return self._prompts[key]
 
+    def sft_texts(self, text: str, label: str, trace: str | None = None,
+                  depth: str | None = None) -> tuple[str, str]:
+        """(prompt, completion) as text: the strings `sequence` encodes (before its eos and
+        its trace truncation), for trainers that tokenize prompt-completion pairs themselves
+        (Megatron-Bridge's SFT dataset)."""
+        if trace is None:
+            return self.adapter.render(self.tok, text, "label", self.task, self.labels), label
+        if depth is None:
+            raise ValueError("a trace needs its depth (cot_short or cot_long)")
+        closer = self.adapter.trace_end or ""
+        lead = " " if closer and not closer[-1].isspace() else ""
+        completion = (self.adapter.trace_start or "") + trace.strip() + "\n" + closer + lead + label
+        return self.adapter.render(self.tok, text, depth, self.task, self.labels), completion
+
     def sequence(self, text: str, label_index: int, trace: str | None = None,
                  depth: str | None = None) -> tuple[list[int], int, int]:
         if trace is None:

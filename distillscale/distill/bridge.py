@@ -37,8 +37,10 @@ builds the real Bridge objects from it and checks the fields):
   launchers' USR1 warning, checkpoints and returns; a run that returns before `steps` (read from
   Megatron's tracker file) exits with 75 like the local loop, so the job is requeued.
 - data: the training rows (label or the teacher's traces) are written as prompt / completion
-  JSONL in the tiny family's prompt format and read by Bridge's `GPTSFTDatasetConfig`, the loss
-  on completion tokens only. The teacher always runs online (`teacher_logits: cache` is the
+  JSONL in the experiment's prompt format (an HF teacher's chat template through the family
+  adapter, with the task and the class list, as the supervision, the local path and the
+  evaluation render it; the tiny family's for a scratch teacher) and read by Bridge's
+  `GPTSFTDatasetConfig`, the loss on completion tokens only. The teacher always runs online (`teacher_logits: cache` is the
   local backend's).
 - `lora_kd`: Bridge's LoRA (`megatron.bridge.peft.lora.LoRA`) with `lora_rank` / `lora_alpha`
   on the attention and MLP linears; the adapters are exported with `export_adapter_ckpt` and
@@ -101,7 +103,7 @@ from distillscale.compat.cpu import activate, cuda_available
 from distillscale.config import ConfigError, DistillConfig, ExperimentConfig, LossConfig
 from distillscale.distill.losses import divergence_logits_loss
 from distillscale.manifest import write_text_atomic, writer_path
-from distillscale.tokenizer import PROMPT_HEAD, PROMPT_TAIL, THINK_CLOSE, THINK_OPEN
+from distillscale.tokenizer import BOS, PROMPT_HEAD, PROMPT_TAIL, THINK_CLOSE, THINK_OPEN
 from distillscale.train import preemption
 
 BACKENDS = ("auto", "local", "bridge")
@@ -355,46 +357,46 @@ def sft_completion(row: dict, supervision: str) -> str:
 
 
 def sft_prompt(row: dict, supervision: str) -> str:
+    """The tiny family's prompt as `PromptEncoder` encodes it, <bos> included (Bridge's SFT
+    dataset adds no BOS of its own)."""
     if supervision == "label":
-        return f"{PROMPT_HEAD} {row['text']} {PROMPT_TAIL}"
+        return f"{BOS} {PROMPT_HEAD} {row['text']} {PROMPT_TAIL}"
     depth = "cot_long" if supervision == "blended_cot" else supervision
-    return f"{PROMPT_HEAD} {row['text']} {THINK_OPEN[depth]}"
+    return f"{BOS} {PROMPT_HEAD} {row['text']} {THINK_OPEN[depth]}"
 
 
-def chat_template_of(hf_dir: str | Path):
-    """The teacher's tokenizer when it has a chat template (its supervision was generated in
-    that template), else None (the tiny family's prompt format)."""
-    if not (Path(hf_dir) / "tokenizer_config.json").is_file():
-        return None
-    # heavy: transformers (seconds to import), only where an HF model or tokenizer loads
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    return tok if getattr(tok, "chat_template", None) else None
-
-
-def chat_prompt(tokenizer, row: dict) -> str:
-    """The user turn in the teacher's chat template, ready for the assistant's answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": row["text"]}],
-                                         tokenize=False, add_generation_prompt=True)
+def sft_pair(row: dict, supervision: str, chat=None) -> tuple[str, str]:
+    """(prompt, completion) of one row in the format the student is trained and scored in:
+    with `chat` (the experiment's `ChatPromptEncoder`, for an HF teacher) the teacher's chat
+    template through the family adapter, with the task and the class list, exactly as the
+    teacher was asked for its supervision and as the local path and the evaluation encode it;
+    else the tiny family's."""
+    if chat is None:
+        return sft_prompt(row, supervision), sft_completion(row, supervision)
+    if supervision == "label":
+        return chat.sft_texts(row["text"], row["label"])
+    depth = "cot_long" if supervision == "blended_cot" else supervision
+    trace = (row.get("traces") or {}).get(depth)
+    if trace is None:
+        raise ValueError(f"row {row.get('id', '?')}: no {depth!r} trace "
+                         "(rows need traces from the teacher stage)")
+    return chat.sft_texts(row["text"], row["label"], trace, depth)
 
 
 def write_sft_jsonl(rows: list[dict], val_rows: list[dict], folder: Path,
-                    supervision: str, chat_tokenizer=None, val_format: str | None = None) -> Path:
+                    supervision: str, chat=None, val_format: str | None = None) -> Path:
     """`training.jsonl` / `validation.jsonl` with `input` / `output` (Bridge's prompt-completion
-    schema; the loss is on the output only). With `chat_tokenizer` the prompt is the teacher's
-    chat template (the format its supervision was produced in), else the tiny family's.
-    Validation rows are written in `val_format` (default: the training format); `label` for
-    validation rows without teacher traces."""
-    def prompt(r, fmt):
-        return chat_prompt(chat_tokenizer, r) if chat_tokenizer is not None else \
-            sft_prompt(r, fmt)
-
+    schema; the loss is on the output only), each row as `sft_pair` writes it (`chat`: the
+    experiment's `ChatPromptEncoder` for an HF teacher). Validation rows are written in
+    `val_format` (default: the training format); `label` for validation rows without teacher
+    traces."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, part, fmt in (("training.jsonl", rows, supervision),
                             ("validation.jsonl", val_rows, val_format or supervision)):
-        lines = [json.dumps({"input": prompt(r, fmt),
-                             "output": sft_completion(r, fmt)}) for r in part]
+        lines = []
+        for r in part:
+            prompt, completion = sft_pair(r, fmt, chat)
+            lines.append(json.dumps({"input": prompt, "output": completion}))
         write_text_atomic(folder / name, "\n".join(lines) + "\n")
     return folder
 
@@ -464,16 +466,17 @@ def config_container(cfg: ExperimentConfig, student_hf: str | Path, teacher_hf: 
 
 def distill_bridge(cfg: ExperimentConfig, student_hf: Path, teacher_hf: Path, out_dir: Path,
                    train_rows: list[dict], val_rows: list[dict],
-                   val_format: str | None = None) -> dict[str, Any]:
+                   val_format: str | None = None, chat=None) -> dict[str, Any]:
     """Distill on GPUs through Megatron-Bridge and export `out_dir/hf`; returns manifest metrics.
-    Every rank calls it (Bridge initialises torch.distributed from RANK / WORLD_SIZE)."""
+    Every rank calls it (Bridge initialises torch.distributed from RANK / WORLD_SIZE). `chat`:
+    the experiment's `ChatPromptEncoder` for an HF teacher (the SFT rows' prompt format)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     shared = writer_path(out_dir)
     # One dataset for every rank: Bridge builds the memmap index of the files it is given on
     # global rank 0 (and each node's local rank 0) only, so every rank must name the same path.
     sft = shared_sft_dataset(train_rows, val_rows, shared / "sft", cfg.distill.supervision,
-                             rank, chat_template_of(teacher_hf), val_format=val_format)
+                             rank, chat, val_format=val_format)
     container = config_container(cfg, student_hf, teacher_hf, shared, world, dataset_root=sft)
     # heavy: Megatron-Bridge, only on the Bridge (GPU) training and export path
     from megatron.bridge.training.distill import distill
@@ -517,14 +520,14 @@ def run_or_requeue(train, ckpt: Path, train_iters: int) -> None:
 
 
 def shared_sft_dataset(rows: list[dict], val_rows: list[dict], folder: Path, supervision: str,
-                       rank: int, chat_tokenizer=None, timeout_s: float = 600.0,
+                       rank: int, chat=None, timeout_s: float = 600.0,
                        val_format: str | None = None) -> Path:
     """Rank 0 writes the SFT JSONL into `folder` (rank 0's stage folder); the other ranks wait
     for its `ready` marker (torch.distributed is not up yet) and read the same files."""
     marker = folder / "ready"
     if rank == 0:
         marker.unlink(missing_ok=True)
-        write_sft_jsonl(rows, val_rows, folder, supervision, chat_tokenizer, val_format)
+        write_sft_jsonl(rows, val_rows, folder, supervision, chat, val_format)
         write_text_atomic(marker, f"{len(rows)} {len(val_rows)}\n")
         return folder
     deadline = time.monotonic() + timeout_s

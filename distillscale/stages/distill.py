@@ -31,6 +31,7 @@ from distillscale.runner import Context, Stage, student_folders, student_steps
 from distillscale.stages.prune import step_label
 from distillscale.stages.rows import encoder, format_val_rows, load_split, train_rows
 from distillscale.teacher.supervision import load_supervision_rows
+from distillscale.tokenizer import ChatPromptEncoder
 
 
 def _folders(ctx: Context, student: StudentTarget, step: int) -> tuple[Path, Path]:
@@ -157,8 +158,11 @@ def _bridge_body(ctx: Context, out: StageOutput, student: StudentTarget, step: i
     teacher_hf = p.teacher / "hf"
     if not (teacher_hf / "config.json").is_file() and cfg.teacher.hf_path:
         teacher_hf = Path(cfg.teacher.hf_path)
+    # The SFT rows in the prompt format every other stage uses (an HF teacher's chat template).
+    enc, _ = encoder(ctx)
+    chat = enc if isinstance(enc, ChatPromptEncoder) else None
     out.metrics.update(distill_bridge(cfg, src / "hf", teacher_hf, out.path, rows, val_rows,
-                                      val_format=val_format))
+                                      val_format=val_format, chat=chat))
     out.metrics.update({"method": cfg.distill.method, "supervision": cfg.distill.supervision,
                         "schedule": cfg.prune.schedule, "step": step,
                         "steps": len(student_steps(ctx, student))})

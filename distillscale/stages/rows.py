@@ -22,10 +22,10 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def encoder(ctx: Context, seq_length: int):
+def encoder(ctx: Context, seq_length: int | None = None):
     """(encoder, tokenizer): the prompt format every stage trains and scores with — the tiny
     family's for a scratch teacher, the checkpoint's chat template (through the family
-    adapter) for an HF teacher."""
+    adapter) for an HF teacher. `seq_length` None: the teacher checkpoint's."""
     return prompt_encoder(ctx.cfg, ctx.paths.teacher, ctx.taxonomy, seq_length)
 
 

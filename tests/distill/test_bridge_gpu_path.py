@@ -110,13 +110,67 @@ def test_sft_jsonl_rows(tmp_path):
              "traces": {"cot_long": "profit rose"}}]
     bridge.write_sft_jsonl(rows, rows, tmp_path / "l", "label")
     rec = json.loads((tmp_path / "l" / "training.jsonl").read_text())
-    assert rec == {"input": "headline : acme beats estimates event :", "output": "earnings_beat"}
+    assert rec == {"input": "<bos> headline : acme beats estimates event :",
+                   "output": "earnings_beat"}
+    # The same ids the local path trains on (Bridge tokenizes the text and adds no BOS).
+    from distillscale.tokenizer import PromptEncoder
+
+    tok = build_word_tokenizer(["acme beats estimates"], ["earnings_beat", "other"])
+    enc = PromptEncoder(tok, ["earnings_beat", "other"], 48)
+    full, _, _ = enc.sequence("acme beats estimates", 0)
+    assert tok.encode(f"{rec['input']} {rec['output']}", add_special_tokens=False) == full[:-1]
     bridge.write_sft_jsonl(rows, rows, tmp_path / "b", "blended_cot")
     rec = json.loads((tmp_path / "b" / "validation.jsonl").read_text())
     assert rec["input"].endswith("<think_long>")
     assert rec["output"] == "profit rose </think> event : earnings_beat"
     with pytest.raises(ValueError, match="no 'cot_short' trace"):
         bridge.write_sft_jsonl(rows, rows, tmp_path / "s", "cot_short")
+
+
+def test_sft_rows_of_an_hf_teacher_are_its_chat_prompts(tmp_path):
+    """With an HF teacher the SFT rows carry the prompts the teacher was asked in (its chat
+    template through the family adapter, with the task and the class list) and the completions
+    the local path trains on: the same token ids as `ChatPromptEncoder`, not a bare user turn."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    from tiny_hf import build_tokenizer, domain_texts
+
+    from distillscale.domain import load_taxonomy
+    from distillscale.teacher.adapters import load_adapter
+    from distillscale.tokenizer import ChatPromptEncoder
+
+    tax = load_taxonomy(ROOT / "conf/domains/finance.yaml")
+    build_tokenizer(domain_texts(ROOT / "conf/domains/finance.yaml")).save_pretrained(
+        tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    enc = ChatPromptEncoder(tok, tax.labels, 512, load_adapter(ROOT / "conf/teachers/chat.yaml"),
+                            tax.task)
+    label = tax.labels[3]
+    rows = [{"id": 1, "text": "Acme shares jump after results", "label": label,
+             "traces": {"cot_long": "Results beat the consensus."}}]
+
+    def written(fmt):
+        folder = bridge.write_sft_jsonl(rows, rows, tmp_path / fmt, fmt, enc)
+        return json.loads((folder / "training.jsonl").read_text())
+
+    rec = written("label")
+    ids = tok.encode(rec["input"], add_special_tokens=False)
+    assert ids == enc.prompt_ids(rows[0]["text"])
+    assert tax.task in rec["input"] and all(n in rec["input"] for n in tax.labels)
+    full, answer_pos, _ = enc.sequence(rows[0]["text"], 3)
+    assert ids + tok.encode(rec["output"], add_special_tokens=False) + [enc.eos_id] == full
+    assert answer_pos == len(ids) - 1
+
+    rec = written("blended_cot")  # blended CoT trains on the long trace
+    assert tok.encode(rec["input"], add_special_tokens=False) == \
+        enc.prompt_ids(rows[0]["text"], "cot_long")
+    assert rec["output"] == "Results beat the consensus.\nAnswer: " + label
+    # The tiny family's format is what a teacher without a chat template gets.
+    assert bridge.sft_pair(rows[0], "label") == (
+        f"<bos> headline : {rows[0]['text']} event :", label)
 
 
 # ------------------------------------------------------------ real Bridge objects on CPU
@@ -314,10 +368,10 @@ def test_a_layout_that_cannot_hold_a_student_is_refused_naming_it(tmp_path):
     res = _dry_run(f"teacher.hf_path={hf}", "launch.pipeline_parallel=2")
     assert res.returncode == 2 and "srun" not in res.stdout
     err = [line for line in res.stderr.splitlines() if line.startswith("error: student")]
-    assert err == ["error: student depth_0.16: planned shape 1 layers, 32 heads / 8 query "
-                   "groups, ffn 12288 does not fit launch.tensor_parallel=4 x "
-                   "launch.pipeline_parallel=2: num_layers 1 % pipeline_parallel 2 != 0; "
-                   "change the student or the layout"]
+    assert err == [("error: student depth_0.16: planned shape 1 layers, 32 heads / 8 query "
+                    "groups, ffn 12288 does not fit launch.tensor_parallel=4 x "
+                    "launch.pipeline_parallel=2: num_layers 1 % pipeline_parallel 2 != 0; "
+                    "change the student or the layout")]
     # TP 8: heads 32 and groups 8 divide, but a width student's query groups may not.
     res = _dry_run(f"teacher.hf_path={hf}", "launch.tensor_parallel=8",
                    "launch.pipeline_parallel=1")

@@ -53,7 +53,7 @@ def _worker(work: Path, teacher: Path, student: Path) -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = load_config(QUICKSTART, ["distill.seq_length=32", "distill.supervision=label"])
-    chat = bridge.chat_template_of(teacher)
+    chat = None  # a word-level teacher without a chat template: the tiny family's format
     for mode in ("shared", "separate"):
         if mode == "shared":  # distill_bridge: rank 0 writes, every rank reads that folder
             root = bridge.shared_sft_dataset(ROWS, VAL_ROWS, work / mode / "sft", "label", rank,
