@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 TAXONOMY = ROOT / "conf/domains/finance.yaml"
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from tiny_hf import build_checkpoint, build_tokenizer, domain_texts
+from tiny_hf import build_checkpoint, build_tokenizer, domain_texts, randomize_weights
 
 HEADLINES = [
     "acme agrees to buy rival in $2 billion deal",
@@ -36,14 +36,7 @@ HEADLINES = [
 
 def _randomize(model, seed: int = 0) -> None:
     # Larger than the default init, so the answer logits are not flat and predictions differ.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.eval()
+    randomize_weights(model, seed, scale=0.3)
 
 
 def _ctx(run_dir: Path, *overrides: str):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from distillscale.config import ModelArch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from tiny_hf import randomize_weights
 
 VOCAB = 300
 SEQ = 32
@@ -55,15 +60,7 @@ def mg(megatron):
 
 
 def _randomize(model, seed: int = 0) -> None:
-    # Non-trivial weights everywhere (norm scales too), so a mis-mapped tensor shows in logits.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.eval()
+    randomize_weights(model, seed, scale=0.2)
 
 
 def _tokens(seed: int = 1) -> torch.Tensor:
