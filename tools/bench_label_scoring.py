@@ -30,7 +30,7 @@ def main() -> None:
 
     from distillscale.compat import cpu
     from distillscale.config import load_config
-    from distillscale.eval.indomain import _hf_model, class_scores_cached
+    from distillscale.eval.indomain import class_scores_cached, hf_causal_lm
     from distillscale.runner import Context, Paths
     from distillscale.stages.rows import encoder, load_split
 
@@ -39,7 +39,7 @@ def main() -> None:
     ctx = Context(cfg, Paths(cfg))
     enc, _ = encoder(ctx, None)
     rows = load_split(ctx.paths.data, args.split)[: args.rows]
-    hf = _hf_model(ctx.paths.teacher / "hf")
+    hf = hf_causal_lm(ctx.paths.teacher / "hf")
     torch.set_grad_enabled(False)
     class_scores_cached(hf, enc, rows[:1], args.batch)  # warm-up
     t0 = time.perf_counter()

@@ -41,7 +41,12 @@ def hf_logit_diff(model, hf_dir: str | Path, tokens: torch.Tensor) -> float:
 
 def check_hf_export(model, hf_dir: str | Path, tokens: torch.Tensor) -> float:
     """`hf_logit_diff`, raising ExportMismatchError above the device's tolerance."""
-    diff = hf_logit_diff(model, hf_dir, tokens)
+    return check_logit_diff(hf_logit_diff(model, hf_dir, tokens), hf_dir)
+
+
+def check_logit_diff(diff: float, hf_dir: str | Path) -> float:
+    """`diff` (an HF export's max |logit diff| from its model), raising ExportMismatchError
+    above the device's tolerance."""
     tol = GPU_TOLERANCE if cuda_available() else CPU_TOLERANCE
     if not diff <= tol:
         raise ExportMismatchError(

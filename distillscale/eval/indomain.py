@@ -85,8 +85,6 @@ def hf_causal_lm(hf_dir):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-_hf_model = hf_causal_lm  # the name tools/bench_label_scoring.py imports
-
 
 def is_hf_model(model) -> bool:
     """Whether `model` is a transformers model (else a Megatron-core one)."""

@@ -10,12 +10,7 @@ import torch
 
 from distillscale.compat.cpu import cuda_available
 from distillscale.config import ModelArch, StudentTarget
-from distillscale.distill.export import (
-    CPU_TOLERANCE,
-    GPU_TOLERANCE,
-    ExportMismatchError,
-    check_hf_export,
-)
+from distillscale.distill.export import check_hf_export, check_logit_diff
 from distillscale.launch.allocation import prune_layout
 from distillscale.launch.ranks import world_size
 from distillscale.manifest import StageOutput, input_hash, read_manifest, writer_path
@@ -53,7 +48,6 @@ def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> 
     cfg, p = ctx.cfg, ctx.paths
     steps = student_steps(ctx, student)
     plan, src, label = steps[step - 1], _source(ctx, student, step), step_label(ctx, student, step)
-    teacher_params = int(read_manifest(p.teacher)["metrics"]["params"])
     source, arch, vocab = load_model(src)
     enc, tok = encoder(ctx, arch.seq_length)
     calib = load_split(p.data, "train")[: cfg.prune.calibration_samples]
@@ -84,15 +78,25 @@ def _body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> 
     out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
         model, out.path / "hf", enc.encode(calib[:8]).tokens)
     out.metrics.update({
-        "axis": student.axis, "target": plan.target, "arch": new_arch.model_dump(mode="json"),
-        "params": params, "teacher_params": teacher_params,
-        "compression_ratio": params / teacher_params,
-        "requested_ratio": student.compression_ratio, "planned_ratio": plan.planned_ratio,
-        "schedule": cfg.prune.schedule, "step": step, "steps": len(steps),
-        "source": str(src), "importance_cached": info.get("scores_cached", False),
+        "arch": new_arch.model_dump(mode="json"), "params": params,
+        "importance_cached": info.get("scores_cached", False),
         "dropped_layers": info.get("dropped_layers"),
         "prune_seconds": round(info.get("prune_seconds", 0.0), 2),
+        **_step_metrics(ctx, student, step, params),
     })
+
+
+def _step_metrics(ctx: Context, student: StudentTarget, step: int, params: int) -> dict:
+    """What a prune step records of its plan and place in the schedule (both prune paths)."""
+    steps = student_steps(ctx, student)
+    plan, teacher_params = steps[step - 1], int(read_manifest(ctx.paths.teacher)["metrics"]["params"])
+    return {
+        "axis": student.axis, "target": plan.target, "teacher_params": teacher_params,
+        "compression_ratio": params / teacher_params,
+        "requested_ratio": student.compression_ratio, "planned_ratio": plan.planned_ratio,
+        "schedule": ctx.cfg.prune.schedule, "step": step, "steps": len(steps),
+        "source": str(_source(ctx, student, step)),
+    }
 
 
 def pipeline_stages() -> int:
@@ -126,14 +130,7 @@ def _body_pipelined(ctx: Context, out: StageOutput, student: StudentTarget, step
     if ModelArch.model_validate(metrics["arch"]) != plan.arch:
         raise RuntimeError(f"prune {label}: got {metrics['arch']}, the schedule planned "
                            f"{plan.arch}")
-    teacher_params = int(read_manifest(p.teacher)["metrics"]["params"])
-    out.metrics.update(metrics)
-    out.metrics.update({
-        "axis": student.axis, "target": plan.target, "teacher_params": teacher_params,
-        "compression_ratio": metrics["params"] / teacher_params,
-        "requested_ratio": student.compression_ratio, "planned_ratio": plan.planned_ratio,
-        "schedule": cfg.prune.schedule, "step": step, "steps": len(steps), "source": str(src),
-    })
+    out.metrics.update({**metrics, **_step_metrics(ctx, student, step, metrics["params"])})
 
 
 def prune_pipelined(hf_dir: Path, arch: ModelArch, vocab: int, target: dict[str, int],
@@ -190,10 +187,7 @@ def prune_pipelined(hf_dir: Path, arch: ModelArch, vocab: int, target: dict[str,
         hf = AutoModelForCausalLM.from_pretrained(str(hf_out), dtype=torch.float32).eval()
         with torch.no_grad():
             diff = float((hf(input_ids=probe.cpu()).logits.float() - logits.cpu()).abs().max())
-        tol = GPU_TOLERANCE if cuda_available() else CPU_TOLERANCE
-        if not diff <= tol:
-            raise ExportMismatchError(f"{hf_out}: HF export does not reproduce the model: max "
-                                      f"|logit diff| {diff:.3g} > {tol}")
+        check_logit_diff(diff, hf_out)
     ranks.barrier()
     kept = info.get("kept_layers") or []
     return {
