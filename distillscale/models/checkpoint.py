@@ -74,15 +74,19 @@ def _save_distributed(model, arch: ModelArch, vocab_size: int, ck: Path) -> None
     ranks.barrier()
 
 
-def load_model(folder: Path):
-    """(model, arch, vocab_size) from a stage folder written by `save_model`."""
-    ck = Path(folder) / CHECKPOINT
-    meta_path = ck / "arch.json"
+def read_arch(folder: Path) -> tuple[ModelArch, int]:
+    """(arch, vocab_size) of a stage folder written by `save_model`, no weights read."""
+    meta_path = Path(folder) / CHECKPOINT / "arch.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no model checkpoint ({meta_path} missing)")
     meta = json.loads(meta_path.read_text())
-    arch = ModelArch.model_validate(meta["arch"])
-    vocab = int(meta["vocab_size"])
+    return ModelArch.model_validate(meta["arch"]), int(meta["vocab_size"])
+
+
+def load_model(folder: Path):
+    """(model, arch, vocab_size) from a stage folder written by `save_model`."""
+    ck = Path(folder) / CHECKPOINT
+    arch, vocab = read_arch(folder)
     model = build_gpt(arch, vocab)
     if (ck / DIST / "metadata.json").is_file():
         # heavy: megatron-core, only where a Megatron model is built or run

@@ -9,7 +9,6 @@ its own, which must be the only model on its GPUs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from distillscale.config import ModelArch
 from distillscale.eval.general import benchmark_paths, evaluate_hf_export
 from distillscale.eval.indomain import generate_labels, hf_causal_lm, predict_labels, score_detailed
 from distillscale.manifest import StageOutput
-from distillscale.models.checkpoint import CHECKPOINT, load_model
+from distillscale.models.checkpoint import CHECKPOINT, load_model, read_arch
 from distillscale.models.hf_io import arch_from_hf_config
 from distillscale.models.megatron_gpt import count_params
 from distillscale.runner import Context, Stage, console, student_folders
@@ -59,10 +58,10 @@ def model_shape(folder: Path) -> ModelArch:
     folder = Path(folder)
     if _hf_only(folder):
         return arch_from_hf_config(folder / "hf")[0]
-    meta = folder / CHECKPOINT / "arch.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{folder}: no model checkpoint ({meta} missing) and no HF export")
-    return ModelArch.model_validate(json.loads(meta.read_text())["arch"])
+    try:
+        return read_arch(folder)[0]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} and no HF export") from None
 
 
 def load_evaluated(folder: Path):

@@ -3,7 +3,6 @@ forwards, then width or depth pruning), saved with its HF export (`prune/minitro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from distillscale.distill.export import check_hf_export, check_logit_diff
 from distillscale.launch.allocation import prune_layout
 from distillscale.launch.ranks import world_size
 from distillscale.manifest import StageOutput, input_hash, read_manifest, writer_path
-from distillscale.models.checkpoint import CHECKPOINT, load_model, save_model
+from distillscale.models.checkpoint import load_model, read_arch, save_model
 from distillscale.models.hf_io import save_hf
 from distillscale.models.megatron_gpt import count_params, forward_logits
 from distillscale.prune.bridge_prune import pipeline_logits, prune_hf_through_bridge
@@ -115,8 +114,7 @@ def _body_pipelined(ctx: Context, out: StageOutput, student: StudentTarget, step
     cfg, p = ctx.cfg, ctx.paths
     steps = student_steps(ctx, student)
     plan, src, label = steps[step - 1], _source(ctx, student, step), step_label(ctx, student, step)
-    meta = json.loads((src / CHECKPOINT / "arch.json").read_text())  # no model is loaded
-    arch, vocab = ModelArch.model_validate(meta["arch"]), int(meta["vocab_size"])
+    arch, vocab = read_arch(src)  # no model is loaded
     enc, tok = encoder(ctx, arch.seq_length)
     calib = load_split(p.data, "train")[: cfg.prune.calibration_samples]
     scores = p.root / "importance" / (
