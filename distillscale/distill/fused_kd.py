@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from distillscale.distill.losses import KINDS, blend, per_sequence_mean
 from distillscale.models.megatron_gpt import causal_mask, hidden_and_head
+from distillscale.models.shared_prefix import layout_supported, pack_batch, packed_forward, unpack
 
 _LOG2 = math.log(2.0)
 
@@ -226,21 +227,43 @@ class FusedHeadKD:
         teacher.eval()
         self.student, self.teacher, self.cfg, self.real_vocab = student, teacher, loss_cfg, real_vocab
         self.chunk = loss_cfg.chunk_tokens or 64
+        # Rows sharing a prompt prefix run it once (`models/shared_prefix.py`) where the
+        # layout applies; `packed_steps` counts the batches that did.
+        self.share_prefix = layout_supported(student) and layout_supported(teacher)
+        self.packed_steps = 0
 
-    def _forward(self, model, tokens):
-        b, s = tokens.shape
-        pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-        hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),
-                               output_processor=hidden_and_head)
+    def _forward(self, model, tokens, pack=None):
+        if pack is not None:
+            hidden, weight = packed_forward(model, pack, output_processor=hidden_and_head)
+            hidden = unpack(hidden[:, 0], pack)
+        else:
+            b, s = tokens.shape
+            pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+            hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),
+                                   output_processor=hidden_and_head)
+            hidden = hidden.transpose(0, 1)
         if self.real_vocab is not None:
             weight = weight[: self.real_vocab]
-        return hidden.transpose(0, 1), weight
+        return hidden, weight
+
+    def _pack(self, tokens, kl_mask, answer_mask):
+        """The packed layout of the batch up to each row's last supervised position (later
+        tokens cannot change the losses under a causal mask), or None."""
+        if not self.share_prefix:
+            return None
+        used = (kl_mask > 0) | (answer_mask > 0)
+        cols = torch.arange(used.shape[1], device=used.device)
+        lengths = torch.where(used, cols, -1).amax(-1) + 1
+        pack = pack_batch(tokens.cpu(), lengths.cpu()) if bool((lengths > 0).all()) else None
+        self.packed_steps += pack is not None
+        return pack
 
     def __call__(self, tokens, kl_mask, targets, answer_mask, with_ce: bool):
         """(T^2 * per-sequence mean divergence over `kl_mask`, answer CE or None)."""
-        hs, ws = self._forward(self.student, tokens)
+        pack = self._pack(tokens, kl_mask, answer_mask)
+        hs, ws = self._forward(self.student, tokens, pack)
         with torch.no_grad():
-            ht, wt = self._forward(self.teacher, tokens)
+            ht, wt = self._forward(self.teacher, tokens, pack)
         b, s = kl_mask.shape
         t = self.cfg.temperature
         kl, _ = fused_head_divergence(

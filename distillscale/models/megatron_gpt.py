@@ -219,7 +219,8 @@ def logits_at(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     the head over every position is most of a forward's time on CPU, and an answer-position
     score needs one position. Equal to `forward_logits(model, tokens)[rows, positions]` (the
     same product on fewer rows); under TP, or with a head bias or MuP scaling that the hook
-    would skip, that is what it computes."""
+    would skip, that is what it computes. Rows that share a prompt prefix run it once per group
+    of rows where the layout applies (`models/shared_prefix.py`)."""
     # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
@@ -229,6 +230,11 @@ def logits_at(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     if (parallel_state.get_tensor_model_parallel_world_size() > 1 or head is None
             or head.bias is not None or getattr(model.config, "use_mup", False)):
         return forward_logits(model, tokens)[rows, positions]
+    from distillscale.models.shared_prefix import hidden_at_shared_prefix
+
+    hidden, weight = hidden_at_shared_prefix(model, tokens, positions)
+    if hidden is not None:  # rows sharing a prompt prefix: it ran once per group of rows
+        return hidden @ weight.T
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     hidden, weight = model(tokens, pos, causal_mask(s, tokens.device),

@@ -216,3 +216,58 @@ def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
         for key in ("kl", "ce", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert runs["fused_head"][-1]["kl"] < runs["fused_head"][0]["kl"]
+
+
+def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tmp_path,
+                                                                   monkeypatch):
+    """Rows sharing a 24-token prompt prefix: `fused_head` runs it once per batch as a packed
+    sequence (`models/shared_prefix.py`) and still follows the ModelOpt logits run (which runs
+    the batch as it is) step by step."""
+    from test_cache_kd import ARCH, ROWS, SMALL, Encoder, _cfg
+
+    import distillscale.distill.fused_kd as fk
+    from distillscale.distill.logit_kd import distill
+    from distillscale.models.megatron_gpt import build_gpt
+    from distillscale.tokenizer import EncodedBatch
+
+    seq, prefix, answer = 40, 24, 36
+
+    class PrefixEncoder(Encoder):
+        def encode(self, rows, depth=None):
+            ids = torch.tensor([int(r["id"].split("-")[1]) for r in rows])
+            table = torch.randint(7, 64, (256, seq + 1), generator=torch.Generator().manual_seed(3))
+            table[:, :prefix] = table[0, :prefix]
+            s, n = table[ids], len(rows)
+            loss_mask = torch.zeros(n, seq)
+            loss_mask[:, : answer + 1] = 1.0
+            answer_mask = torch.zeros(n, seq)
+            answer_mask[:, answer] = 1.0
+            return EncodedBatch(s[:, :seq], s[:, 1:], loss_mask, answer_mask,
+                                torch.full((n,), answer, dtype=torch.long),
+                                torch.zeros(n, dtype=torch.long),
+                                trace_len=torch.full((n,), 8, dtype=torch.long))
+
+    packed = []
+    real_pack = fk.pack_batch
+    monkeypatch.setattr(fk, "pack_batch", lambda *a, **k: packed.append(real_pack(*a, **k))
+                        or packed[-1])
+    arch, small = (a.model_copy(update={"seq_length": seq}) for a in (ARCH, SMALL))
+    torch.manual_seed(0)
+    teacher = build_gpt(arch, 64)
+    with torch.no_grad():
+        teacher.output_layer.weight.mul_(8)
+    torch.manual_seed(1)
+    state = build_gpt(small, 64).state_dict()
+    runs = {}
+    for impl in ("logits", "fused_head"):
+        student = build_gpt(small, 64)
+        student.load_state_dict(state)
+        cfg = _cfg(temperature=2.0, alpha=0.7, kind="forward_kl", implementation=impl)
+        _, runs[impl] = distill(student, teacher, PrefixEncoder(), ROWS, cfg, 0,
+                                tmp_path / f"{impl}.pt", impl)
+    assert len(packed) == 4 and all(p is not None and p.prefix == prefix for p in packed)
+    assert packed[0].tokens.shape[1] == prefix + 16 * (answer + 1 - prefix)  # 16 rows a batch
+    for a, b in zip(runs["logits"], runs["fused_head"], strict=True):
+        for key in ("kl", "ce", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert runs["fused_head"][-1]["kl"] < runs["fused_head"][0]["kl"]
