@@ -202,6 +202,17 @@ class StageOutput:
     extra: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""  # the stage's identity (results tables carry it)
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a part of the stage body: seconds accumulate in `metrics["phase_s"][name]`
+        (the manifest's profile of where a stage spends its wall time)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases = self.metrics.setdefault("phase_s", {})
+            phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - start, 3)
+
 
 @contextlib.contextmanager
 def atomic_stage(

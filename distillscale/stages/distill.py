@@ -72,24 +72,27 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
     cfg, p = ctx.cfg, ctx.paths
     src, _ = _folders(ctx, student, step)
     label = step_label(ctx, student, step)
-    teacher, t_arch, vocab = load_model(p.teacher)
-    model, arch, s_vocab = load_model(src)
-    enc, tok = encoder(ctx, t_arch.seq_length)
+    with out.phase("load"):
+        teacher, t_arch, vocab = load_model(p.teacher)
+        model, arch, s_vocab = load_model(src)
+        enc, tok = encoder(ctx, t_arch.seq_length)
     # One tokenizer (else an error); differently padded vocabularies are compared on its real
     # range (None: same padding, nothing to align).
     real_vocab = aligned_vocab(tok, src, vocab, s_vocab)
     rows = train_rows(ctx)
     val_rows = load_split(p.data, "val")
-    teacher_val = answer_logprobs(teacher, enc, val_rows, real_vocab=real_vocab)
-    kl_before = answer_kl(model, teacher_val, enc, val_rows, real_vocab=real_vocab)
+    with out.phase("val_kl"):
+        teacher_val = answer_logprobs(teacher, enc, val_rows, real_vocab=real_vocab)
+        kl_before = answer_kl(model, teacher_val, enc, val_rows, real_vocab=real_vocab)
     # The format's own supervised tokens (trace + answer; the trace for blended CoT) on held-out
     # rows with the teacher's traces, when the supervision stage covered the val split.
     fmt = cfg.distill.supervision
     fmt_val = format_val_rows(ctx)
     teacher_fmt = fmt_kl_before = fmt_kl_after = None
     if fmt_val:
-        teacher_fmt = supervised_logprobs(teacher, enc, fmt_val, fmt, real_vocab=real_vocab)
-        fmt_kl_before = supervised_kl(model, teacher_fmt, enc, fmt_val, fmt, real_vocab)
+        with out.phase("val_kl"):
+            teacher_fmt = supervised_logprobs(teacher, enc, fmt_val, fmt, real_vocab=real_vocab)
+            fmt_kl_before = supervised_kl(model, teacher_fmt, enc, fmt_val, fmt, real_vocab)
     masks = mask_token_counts(enc, rows, fmt)
     if cfg.distill.loss.alpha == 1.0:
         masks["ce_term"] = 0  # no CE anchor: the KL term alone
@@ -98,23 +101,26 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
         cached = load_cached_teacher(cfg, p.supervision, p.teacher, rows)
         teacher = None  # only its validation log-probs are kept; training never runs it
     ckpt, tb = out.path / "checkpoints" / "last.pt", out.path / "tensorboard"
-    if cfg.distill.method == "lora_kd":
-        plain, history, adapters = lora_distill_megatron(
-            model, arch, s_vocab, p.teacher / "hf", tok, enc, rows, cfg.distill,
-            cfg.seed, ckpt, f"lora_kd {label}", tensorboard_dir=tb, cached=cached,
-            real_vocab=real_vocab)
-        out.metrics["lora_trainable_params"] = adapters
-    else:
-        plain, history = distill(
-            model, teacher, enc, rows, cfg.distill, cfg.seed, ckpt,
-            f"distill {label}", eval_fn=_accuracy_eval(model, enc, val_rows),
-            tensorboard_dir=tb, cached=cached, real_vocab=real_vocab,
-        )
-    kl_after = answer_kl(plain, teacher_val, enc, val_rows, real_vocab=real_vocab)
-    if fmt_val:
-        fmt_kl_after = supervised_kl(plain, teacher_fmt, enc, fmt_val, fmt, real_vocab)
-    save_model(plain, arch, s_vocab, out.path)
-    save_hf(plain, arch, s_vocab, out.path / "hf", tokenizer=tok)
+    with out.phase("train"):
+        if cfg.distill.method == "lora_kd":
+            plain, history, adapters = lora_distill_megatron(
+                model, arch, s_vocab, p.teacher / "hf", tok, enc, rows, cfg.distill,
+                cfg.seed, ckpt, f"lora_kd {label}", tensorboard_dir=tb, cached=cached,
+                real_vocab=real_vocab)
+            out.metrics["lora_trainable_params"] = adapters
+        else:
+            plain, history = distill(
+                model, teacher, enc, rows, cfg.distill, cfg.seed, ckpt,
+                f"distill {label}", eval_fn=_accuracy_eval(model, enc, val_rows),
+                tensorboard_dir=tb, cached=cached, real_vocab=real_vocab,
+            )
+    with out.phase("val_kl"):
+        kl_after = answer_kl(plain, teacher_val, enc, val_rows, real_vocab=real_vocab)
+        if fmt_val:
+            fmt_kl_after = supervised_kl(plain, teacher_fmt, enc, fmt_val, fmt, real_vocab)
+    with out.phase("save"):
+        save_model(plain, arch, s_vocab, out.path)
+        save_hf(plain, arch, s_vocab, out.path / "hf", tokenizer=tok)
     (out.path / "checkpoints" / "last.pt").unlink(missing_ok=True)
     out.metrics.update({
         "params": count_params(plain), "val_kl_before": kl_before, "val_kl_after": kl_after,
@@ -129,16 +135,19 @@ def _local_body(ctx: Context, out: StageOutput, student: StudentTarget, step: in
         "history": history,
     })
     # The exported checkpoint must be the trained model (raises beyond tolerance).
-    out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
-        plain, out.path / "hf", enc.encode(val_rows[:8]).tokens)
+    with out.phase("export_check"):
+        out.metrics["hf_max_abs_logit_diff"] = check_hf_export(
+            plain, out.path / "hf", enc.encode(val_rows[:8]).tokens)
     if multi_token(enc):
         # Multi-token class names: the val accuracy of the trained model, scored on its export
         # with the packed scorer (every val row), after the last step.
-        out.metrics["final_val_accuracy"] = label_accuracy(plain, enc, val_rows,
-                                                           hf_dir=out.path / "hf")
+        with out.phase("final_val_accuracy"):
+            out.metrics["final_val_accuracy"] = label_accuracy(plain, enc, val_rows,
+                                                               hf_dir=out.path / "hf")
     if (p.teacher / "hf" / "config.json").is_file():
         # A pruned student must actually be faster: CPU prefill speed vs the teacher.
-        out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))
+        with out.phase("speed_check"):
+            out.metrics.update(student_speed(out.path / "hf", p.teacher / "hf"))
 
 
 def _bridge_body(ctx: Context, out: StageOutput, student: StudentTarget, step: int) -> None:

@@ -105,10 +105,10 @@ def _body(ctx: Context, out: StageOutput) -> None:
     # export). On GPU lm-eval runs vLLM: the launch plan's TP, the context the models have.
     general, notes = {}, set()
     for name, folder in models.items():
-        general[name], why = evaluate_hf_export(folder / "hf", general_cfg,
-                                                cfg.teacher.source == "scratch",
-                                                tensor_parallel=cfg.launch.vllm_tensor_parallel,
-                                                max_model_len=seq_length)
+        with out.phase("general"):
+            general[name], why = evaluate_hf_export(
+                folder / "hf", general_cfg, cfg.teacher.source == "scratch",
+                tensor_parallel=cfg.launch.vllm_tensor_parallel, max_model_len=seq_length)
         notes.update(why)
     rows = load_split(p.data, cfg.eval.split)
     dataset_size = len(load_split(p.data, "train"))
@@ -121,9 +121,10 @@ def _body(ctx: Context, out: StageOutput) -> None:
     generative = cfg.eval.scoring == "generative"
     teacher_params = None
     for name, folder in models.items():  # the teacher first
-        model, arch, params = load_evaluated(folder)
-        pred = preds[name] = indomain_predictions(ctx, name, folder, model, enc, rows)
-        del model  # one model resident at a time
+        with out.phase("indomain"):
+            model, arch, params = load_evaluated(folder)
+            pred = preds[name] = indomain_predictions(ctx, name, folder, model, enc, rows)
+            del model  # one model resident at a time
         if name == "teacher":
             teacher_params = params
         metrics, pc, cm = score_detailed(
