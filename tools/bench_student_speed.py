@@ -3,6 +3,7 @@
     python tools/bench_student_speed.py --run runs/quickstart [--stage distilled|pruned]
         [--mode both|prefill|generate] [--batch 32] [--seq N] [--repeats 25]
         [--gen-prompt 64] [--new-tokens 32] [--gen-repeats 5] [--all-logits]
+        [--cache dynamic|static] [--compile]
 
 Loads `<run>/teacher/hf` and every student's `<stage>/hf` (intermediate schedule steps included;
 `pruned` and `distilled` exports of a student have the same shape, so the same speed) with
@@ -15,7 +16,9 @@ warm-up (`torch.inference_mode`, the same thread count for all):
   `--all-logits` times logits at every position instead (the training-side forward);
 - **generate**: batch 1, greedy generation of exactly `--new-tokens` tokens with the KV cache
   after a `--gen-prompt`-token prompt (one user's request; decoding is memory-bound where
-  prefill is compute-bound, so the two can differ).
+  prefill is compute-bound, so the two can differ); `--cache static` preallocates the KV
+  cache, `--compile` runs every model's forward through `torch.compile` (inductor, static
+  shapes; with the static cache), both for teacher and students alike.
 
 Per mode and student: params, tokens/s (fastest round), speedup over the teacher (median of the
 within-round ratios), and that speedup divided by the parameter ratio (teacher / student), by
@@ -94,9 +97,16 @@ def main() -> None:
     ap.add_argument("--gen-prompt", type=int, default=64, help="generate: prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated")
     ap.add_argument("--gen-repeats", type=int, default=5)
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="generate: transformers' KV cache implementation")
+    ap.add_argument("--compile", action="store_true",
+                    help="generate: torch.compile every model's forward (needs --cache static)")
     args = ap.parse_args()
 
+    if args.compile and args.cache != "static":
+        sys.exit("--compile needs --cache static (fixed shapes)")
     from distillscale.distill.speed import (
+        compile_for_decoding,
         load_hf_causal_lm,
         random_prompts,
         time_generation_rounds,
@@ -130,12 +140,17 @@ def main() -> None:
                  for k in ("param", "nonemb")]
     if args.mode in ("both", "generate"):
         prompt = random_prompts(vocab, 1, args.gen_prompt, seed=1)
-        times = time_generation_rounds(models, prompt, args.new_tokens, args.gen_repeats)
+        if args.compile:  # after prefill: the prefill rounds time the eager models
+            models = {n: compile_for_decoding(m) for n, m in models.items()}
+        times = time_generation_rounds(models, prompt, args.new_tokens, args.gen_repeats,
+                                       cache=args.cache)
         rows = _rows(models, times, args.new_tokens)
         _print(f"generate: batch 1, {args.gen_prompt}-token prompt, {args.new_tokens} new "
-               f"tokens (tokens/s counts generated tokens)", rows)
+               f"tokens, {args.cache} cache{', compiled' if args.compile else ''} "
+               "(tokens/s counts generated tokens)", rows)
         report["generate"] = {"batch": 1, "prompt": args.gen_prompt,
-                              "new_tokens": args.new_tokens, "rows": rows}
+                              "new_tokens": args.new_tokens, "cache": args.cache,
+                              "compiled": args.compile, "rows": rows}
         last += [f"generate_min_speedup_over_{k}_ratio="
                  f"{min(r[f'speedup_over_{k}_ratio'] for r in rows[1:]):.3f}"
                  for k in ("param", "nonemb")]

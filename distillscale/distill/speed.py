@@ -61,24 +61,36 @@ def _round_robin(models: dict, call, repeats: int) -> dict[str, list[float]]:
 
 
 def time_generation_rounds(models: dict, prompt: torch.Tensor, new_tokens: int,
-                           repeats: int) -> dict[str, list[float]]:
+                           repeats: int, cache: str = "dynamic") -> dict[str, list[float]]:
     """Seconds each model takes to generate exactly `new_tokens` tokens greedily after `prompt`
     (batch 1 as a rule: one user's request), with its KV cache, per round, after one warm-up
-    each; models round-robin as in `time_rounds`."""
+    each; models round-robin as in `time_rounds`. `cache`: transformers' cache implementation
+    ("dynamic": grown by concatenation each step; "static": preallocated, the layout
+    `compile_for_decoding` needs)."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     mask = torch.ones_like(prompt)
+    extra = {} if cache == "dynamic" else {"cache_implementation": cache}
 
     def run(model):
         # min = max new tokens and no stop token: every model produces the same token count.
         out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=0, use_cache=True)
+                             pad_token_id=0, use_cache=True, **extra)
         if out.shape[1] != prompt.shape[1] + new_tokens:
             raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, "
                                f"not {new_tokens}")
 
     return _round_robin(models, run, repeats)
+
+
+def compile_for_decoding(model):
+    """`model.forward` through `torch.compile` (inductor's C++ CPU backend, static shapes):
+    per-token decoding at batch 1 is a few hundred small ops per layer, and their dispatch
+    costs the same whatever the width; compiled, the elementwise ops are fused. Use with the
+    static cache (fixed shapes: one graph for the prompt, one for every decoded token)."""
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
 
 
 def non_embedding_params(model) -> int:

@@ -107,3 +107,31 @@ def test_bench_student_speed_reports_both_modes(tmp_path):
     assert speed["stage"] == "pruned"
     assert [r["model"] for r in speed["generate"]["rows"]] == ["teacher", "d"]
     assert speed["prefill"]["rows"][1]["param_ratio"] > 1
+
+
+@pytest.mark.slow
+def test_static_cache_and_compiled_generation_make_the_same_tokens(tmp_path):
+    """`--cache static` and `--compile` (the bench's decoding options) generate the eager
+    dynamic-cache tokens: greedy, so the same ids whatever the cache and the kernels."""
+    from distillscale.distill.speed import (
+        compile_for_decoding,
+        load_hf_causal_lm,
+        time_generation_rounds,
+    )
+
+    path = _llama(tmp_path / "t", 2)
+    prompt = torch.tensor([[3, 9, 4, 17, 5]])
+    mask = torch.ones_like(prompt)
+
+    def tokens(model, **kw):
+        return model.generate(input_ids=prompt, attention_mask=mask, do_sample=False,
+                              max_new_tokens=6, min_new_tokens=6, pad_token_id=0, **kw)
+
+    eager = load_hf_causal_lm(path)
+    ref = tokens(eager)
+    assert torch.equal(tokens(eager, cache_implementation="static"), ref)
+    compiled = compile_for_decoding(load_hf_causal_lm(path))
+    times = time_generation_rounds({"c": compiled}, prompt, 6, repeats=1, cache="static")
+    assert len(times["c"]) == 1 and times["c"][0] > 0
+    with torch.inference_mode():  # the static cache the timed rounds made is an inference one
+        assert torch.equal(tokens(compiled, cache_implementation="static"), ref)
