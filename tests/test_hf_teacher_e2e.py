@@ -46,7 +46,10 @@ def run(request, checkpoints, tmp_path_factory, megatron):
                "distill.train.batch_size=16", "eval.bootstrap_samples=20",
                "eval.general.limit=20",
                ("students=[{name: w, axis: width, compression_ratio: 0.5}, "
-                "{name: d, axis: depth, shape: {num_layers: 2}}]")])
+                "{name: d, axis: depth, shape: {num_layers: 2}}]"),
+               # One family distills with the head fused into the loss, where the chat
+               # prompts' shared prefix runs once per batch (models/shared_prefix.py).
+               *(["distill.loss.implementation=fused_head"] if family == "qwen3" else [])])
     assert rc == 0
     return family, out, checkpoints[family]
 
@@ -74,6 +77,9 @@ def test_hf_teacher_runs_every_stage(run):
         m = json.loads((distilled / "manifest.json").read_text())["metrics"]
         assert m["val_kl_after"] < m["val_kl_before"]
         assert m["hf_max_abs_logit_diff"] < 1e-3
+        if family == "qwen3":  # fused_head: each batch ran its shared prompt prefix once
+            ran = [(h["forward_tokens"], h["batch_tokens"]) for h in m["history"]]
+            assert ran and all(0 < t < b / 2 for t, b in ran), ran
         cfg = json.loads((distilled / "hf" / "config.json").read_text())
         assert cfg["architectures"] == [ARCHITECTURES[family]]  # the teacher's family
         assert cfg["tie_word_embeddings"] == src_cfg.get("tie_word_embeddings", False)

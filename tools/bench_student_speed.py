@@ -3,7 +3,7 @@
     python tools/bench_student_speed.py --run runs/quickstart [--stage distilled|pruned]
         [--mode both|prefill|generate] [--batch 32] [--seq N] [--repeats 25]
         [--gen-prompt 64] [--new-tokens 32] [--gen-repeats 5] [--all-logits]
-        [--cache dynamic|static] [--compile]
+        [--cache dynamic|static] [--compile] [--students NAME ...]
 
 Loads `<run>/teacher/hf` and every student's `<stage>/hf` (intermediate schedule steps included;
 `pruned` and `distilled` exports of a student have the same shape, so the same speed) with
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                     help="generate: transformers' KV cache implementation")
+    ap.add_argument("--students", nargs="+", default=None,
+                    help="only these students (names as in the table, e.g. width_0.37)")
     ap.add_argument("--compile", action="store_true",
                     help="generate: torch.compile every model's forward (needs --cache static)")
     args = ap.parse_args()
@@ -117,6 +119,11 @@ def main() -> None:
     if not (teacher_dir / "config.json").is_file():
         sys.exit(f"{teacher_dir}: no HF teacher export; run the pipeline first")
     students = _models(args.run, args.stage)
+    if args.students is not None:
+        unknown = sorted(set(args.students) - {n for n, _ in students})
+        if unknown:
+            sys.exit(f"--students: no {args.stage} export of {unknown} in {args.run}/students")
+        students = [(n, p) for n, p in students if n in args.students]
     if not students:
         sys.exit(f"{args.run}/students: no exported student (students/*/{args.stage}/hf)")
 

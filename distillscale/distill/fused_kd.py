@@ -228,9 +228,10 @@ class FusedHeadKD:
         self.student, self.teacher, self.cfg, self.real_vocab = student, teacher, loss_cfg, real_vocab
         self.chunk = loss_cfg.chunk_tokens or 64
         # Rows sharing a prompt prefix run it once (`models/shared_prefix.py`) where the
-        # layout applies; `packed_steps` counts the batches that did.
+        # layout applies; `forward_tokens`: the tokens each model's last forward ran (the
+        # packed sequence's length, else batch x sequence).
         self.share_prefix = layout_supported(student) and layout_supported(teacher)
-        self.packed_steps = 0
+        self.forward_tokens = 0
 
     def _forward(self, model, tokens, pack=None):
         if pack is not None:
@@ -250,12 +251,13 @@ class FusedHeadKD:
         """The packed layout of the batch up to each row's last supervised position (later
         tokens cannot change the losses under a causal mask), or None."""
         if not self.share_prefix:
+            self.forward_tokens = tokens.numel()
             return None
         used = (kl_mask > 0) | (answer_mask > 0)
         cols = torch.arange(used.shape[1], device=used.device)
         lengths = torch.where(used, cols, -1).amax(-1) + 1
         pack = pack_batch(tokens.cpu(), lengths.cpu()) if bool((lengths > 0).all()) else None
-        self.packed_steps += pack is not None
+        self.forward_tokens = tokens.numel() if pack is None else pack.tokens.shape[1]
         return pack
 
     def __call__(self, tokens, kl_mask, targets, answer_mask, with_ce: bool):

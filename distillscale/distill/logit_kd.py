@@ -192,6 +192,8 @@ def distill(
             ce = (answer_ce if cached is not None else _answer_ce)(
                 logits, sup.targets[idx], sup.answer_mask[idx])
         logs = {"kl": float(kl.detach()), "alpha": alpha}
+        if fused is not None:  # an int: kept in the history, not averaged over micro-batches
+            logs["forward_tokens"], logs["batch_tokens"] = fused.forward_tokens, tokens.numel()
         if ce is not None:
             logs["ce"] = float(ce.detach())
         return blend(kl, ce, alpha), logs

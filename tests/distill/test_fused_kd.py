@@ -184,23 +184,19 @@ def test_bench_kd_loss_fused_last_line():
     assert ratio < 0.5 and diff <= 1e-5
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
-    """`distill.loss.implementation=fused_head` through `logit_kd.distill`: the whole run (KL on
-    the trace, CE anchor, T^2, masks, optimizer steps) follows the ModelOpt logits run step by
-    step, tied and untied heads, and returns a plain student."""
-    from test_cache_kd import ARCH, ROWS, SMALL, Encoder, _cfg
+def _logits_and_fused_runs(arch, small, encoder, rows, tmp_path, kind):
+    """The histories of `logit_kd.distill` with `implementation` logits and fused_head from the
+    same teacher and student (a sharpened head, so the KL is not flat); each returns a plain
+    student."""
+    from test_cache_kd import _cfg
 
     from distillscale.distill.logit_kd import distill
     from distillscale.models.megatron_gpt import build_gpt
 
-    arch = ARCH.model_copy(update={"tie_word_embeddings": tied})
-    small = SMALL.model_copy(update={"tie_word_embeddings": tied})
     torch.manual_seed(0)
     teacher = build_gpt(arch, 64)
     with torch.no_grad():
-        teacher.embedding.word_embeddings.weight.mul_(4) if tied else \
+        teacher.embedding.word_embeddings.weight.mul_(4) if arch.tie_word_embeddings else \
             teacher.output_layer.weight.mul_(8)
     torch.manual_seed(1)
     state = build_gpt(small, 64).state_dict()
@@ -209,13 +205,27 @@ def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
         student = build_gpt(small, 64)
         student.load_state_dict(state)
         cfg = _cfg(temperature=2.0, alpha=0.7, kind=kind, implementation=impl)
-        plain, runs[impl] = distill(student, teacher, Encoder(), ROWS, cfg, 0,
+        plain, runs[impl] = distill(student, teacher, encoder, rows, cfg, 0,
                                     tmp_path / f"{impl}.pt", impl)
         assert not any("teacher" in k for k in plain.state_dict())
     for a, b in zip(runs["logits"], runs["fused_head"], strict=True):
         for key in ("kl", "ce", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert runs["fused_head"][-1]["kl"] < runs["fused_head"][0]["kl"]
+    return runs
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
+    """`distill.loss.implementation=fused_head` through `logit_kd.distill`: the whole run (KL on
+    the trace, CE anchor, T^2, masks, optimizer steps) follows the ModelOpt logits run step by
+    step, tied and untied heads, and returns a plain student."""
+    from test_cache_kd import ARCH, ROWS, SMALL, Encoder
+
+    arch = ARCH.model_copy(update={"tie_word_embeddings": tied})
+    small = SMALL.model_copy(update={"tie_word_embeddings": tied})
+    _logits_and_fused_runs(arch, small, Encoder(), ROWS, tmp_path, kind)
 
 
 def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tmp_path,
@@ -223,11 +233,9 @@ def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tm
     """Rows sharing a 24-token prompt prefix: `fused_head` runs it once per batch as a packed
     sequence (`models/shared_prefix.py`) and still follows the ModelOpt logits run (which runs
     the batch as it is) step by step."""
-    from test_cache_kd import ARCH, ROWS, SMALL, Encoder, _cfg
+    from test_cache_kd import ARCH, ROWS, SMALL, Encoder
 
     import distillscale.distill.fused_kd as fk
-    from distillscale.distill.logit_kd import distill
-    from distillscale.models.megatron_gpt import build_gpt
     from distillscale.tokenizer import EncodedBatch
 
     seq, prefix, answer = 40, 24, 36
@@ -252,22 +260,8 @@ def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tm
     monkeypatch.setattr(fk, "pack_batch", lambda *a, **k: packed.append(real_pack(*a, **k))
                         or packed[-1])
     arch, small = (a.model_copy(update={"seq_length": seq}) for a in (ARCH, SMALL))
-    torch.manual_seed(0)
-    teacher = build_gpt(arch, 64)
-    with torch.no_grad():
-        teacher.output_layer.weight.mul_(8)
-    torch.manual_seed(1)
-    state = build_gpt(small, 64).state_dict()
-    runs = {}
-    for impl in ("logits", "fused_head"):
-        student = build_gpt(small, 64)
-        student.load_state_dict(state)
-        cfg = _cfg(temperature=2.0, alpha=0.7, kind="forward_kl", implementation=impl)
-        _, runs[impl] = distill(student, teacher, PrefixEncoder(), ROWS, cfg, 0,
-                                tmp_path / f"{impl}.pt", impl)
+    runs = _logits_and_fused_runs(arch, small, PrefixEncoder(), ROWS, tmp_path, "forward_kl")
     assert len(packed) == 4 and all(p is not None and p.prefix == prefix for p in packed)
-    assert packed[0].tokens.shape[1] == prefix + 16 * (answer + 1 - prefix)  # 16 rows a batch
-    for a, b in zip(runs["logits"], runs["fused_head"], strict=True):
-        for key in ("kl", "ce", "loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
-    assert runs["fused_head"][-1]["kl"] < runs["fused_head"][0]["kl"]
+    packed_len = prefix + 16 * (answer + 1 - prefix)  # 16 rows a batch
+    assert packed[0].tokens.shape[1] == packed_len
+    assert [h["forward_tokens"] for h in runs["fused_head"]] == [packed_len] * 4

@@ -107,6 +107,13 @@ def test_bench_student_speed_reports_both_modes(tmp_path):
     assert speed["stage"] == "pruned"
     assert [r["model"] for r in speed["generate"]["rows"]] == ["teacher", "d"]
     assert speed["prefill"]["rows"][1]["param_ratio"] > 1
+    # --students picks students by name, and an unknown name is refused in one line.
+    res = subprocess.run(
+        [sys.executable, str(repo / "tools" / "bench_student_speed.py"), "--run", str(run),
+         "--stage", "pruned", "--mode", "generate", "--gen-prompt", "4", "--new-tokens", "2",
+         "--gen-repeats", "1", "--cache", "static", "--students", "e"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode != 0 and "--students: no pruned export of ['e']" in res.stderr
 
 
 @pytest.mark.slow

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_logits_at import ARCHS as _ARCHS
+from test_logits_at import VOCAB
 
-from distillscale.config import ModelArch
 from distillscale.models.shared_prefix import pack_batch, shared_prefix
 
-VOCAB = 300
-ARCHS = {
-    "untied": ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                        num_query_groups=2, seq_length=64),
-    "tied": ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2,
-                      num_query_groups=1, seq_length=64, tie_word_embeddings=True),
-}
+# test_logits_at's two models (tied and untied heads), with room for 41-token rows.
+ARCHS = {k: a.model_copy(update={"seq_length": 64}) for k, a in _ARCHS.items()}
 
 
 def _batch(prefix: int = 20, lengths=(30, 26, 41, 21)):

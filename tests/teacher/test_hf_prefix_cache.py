@@ -3,13 +3,20 @@ full (greedy and sampled), on a tiny random Llama and Qwen3 with a chat template
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from distillscale.teacher.backends.hf import HFBackend, shared_prefix_length
-from tests.fixtures.tiny_hf import build_checkpoint, build_tokenizer, domain_texts, randomize_weights
+from tests.fixtures.tiny_hf import (
+    build_checkpoint,
+    build_tokenizer,
+    domain_texts,
+    randomize_weights,
+)
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shared_prefix_length():
