@@ -56,7 +56,8 @@ def shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:
 
 
 def layout_supported(model) -> bool:
-    """The local layer spec at TP 1 and PP 1 (see the module doc)."""
+    """The local layer spec at TP 1 and PP 1 (see the module doc), and plain RoPE or learned
+    positions (YaRN's and multimodal RoPE's tables are read differently: not packed)."""
     # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
@@ -64,7 +65,8 @@ def layout_supported(model) -> bool:
 
     return (spec_name() == "local" and parallel_state.get_tensor_model_parallel_world_size() == 1
             and parallel_state.get_pipeline_model_parallel_world_size() == 1
-            and hasattr(model, "embedding"))
+            and hasattr(model, "embedding")
+            and getattr(model, "position_embedding_type", None) in ("rope", "learned_absolute"))
 
 
 def pack_batch(tokens: torch.Tensor, lengths: torch.Tensor,

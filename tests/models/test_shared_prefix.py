@@ -112,3 +112,13 @@ def test_logits_at_with_a_shared_prefix_equals_the_batch(megatron, monkeypatch, 
     forward_logits(model, tokens)[rows, positions].log_softmax(-1)[:, :30].sum().backward()
     for n, p in model.named_parameters():
         assert torch.allclose(new[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_layout_is_refused_for_other_position_embeddings(megatron):
+    from distillscale.models.megatron_gpt import build_gpt
+    from distillscale.models.shared_prefix import layout_supported
+
+    model = build_gpt(ARCHS["tied"], VOCAB)
+    assert layout_supported(model)
+    model.position_embedding_type = "yarn"  # its RoPE returns (table, mscale): not packed
+    assert not layout_supported(model)
