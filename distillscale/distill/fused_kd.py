@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from distillscale.distill.losses import KINDS, blend, per_sequence_mean
 from distillscale.models.megatron_gpt import causal_mask, hidden_and_head
-from distillscale.models.shared_prefix import layout_supported, pack_batch, packed_forward, unpack
+from distillscale.models.shared_prefix import layout_supported, pack_groups, packed_forward, unpack
 
 _LOG2 = math.log(2.0)
 
@@ -233,10 +233,13 @@ class FusedHeadKD:
         self.share_prefix = layout_supported(student) and layout_supported(teacher)
         self.forward_tokens = 0
 
-    def _forward(self, model, tokens, pack=None):
-        if pack is not None:
-            hidden, weight = packed_forward(model, pack, output_processor=hidden_and_head)
-            hidden = unpack(hidden[:, 0], pack)
+    def _forward(self, model, tokens, groups=None):
+        if groups is not None:
+            parts = []
+            for _start, _end, pack in groups:
+                hidden, weight = packed_forward(model, pack, output_processor=hidden_and_head)
+                parts.append(unpack(hidden[:, 0], pack))
+            hidden = torch.cat(parts)
         else:
             b, s = tokens.shape
             pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
@@ -248,24 +251,25 @@ class FusedHeadKD:
         return hidden, weight
 
     def _pack(self, tokens, kl_mask, answer_mask):
-        """The packed layout of the batch up to each row's last supervised position (later
-        tokens cannot change the losses under a causal mask), or None."""
-        if not self.share_prefix:
-            self.forward_tokens = tokens.numel()
-            return None
-        used = (kl_mask > 0) | (answer_mask > 0)
-        cols = torch.arange(used.shape[1], device=used.device)
-        lengths = torch.where(used, cols, -1).amax(-1) + 1
-        pack = pack_batch(tokens.cpu(), lengths.cpu()) if bool((lengths > 0).all()) else None
-        self.forward_tokens = tokens.numel() if pack is None else pack.tokens.shape[1]
-        return pack
+        """The packed groups of the batch (`pack_groups`) up to each row's last supervised
+        position (later tokens cannot change the losses under a causal mask), or None."""
+        groups = None
+        if self.share_prefix:
+            used = (kl_mask > 0) | (answer_mask > 0)
+            cols = torch.arange(used.shape[1], device=used.device)
+            lengths = torch.where(used, cols, -1).amax(-1) + 1
+            if bool((lengths > 0).all()):
+                groups = pack_groups(tokens, lengths)
+        self.forward_tokens = tokens.numel() if groups is None else sum(
+            pack.tokens.shape[1] for _s, _e, pack in groups)
+        return groups
 
     def __call__(self, tokens, kl_mask, targets, answer_mask, with_ce: bool):
         """(T^2 * per-sequence mean divergence over `kl_mask`, answer CE or None)."""
-        pack = self._pack(tokens, kl_mask, answer_mask)
-        hs, ws = self._forward(self.student, tokens, pack)
+        groups = self._pack(tokens, kl_mask, answer_mask)
+        hs, ws = self._forward(self.student, tokens, groups)
         with torch.no_grad():
-            ht, wt = self._forward(self.teacher, tokens, pack)
+            ht, wt = self._forward(self.teacher, tokens, groups)
         b, s = kl_mask.shape
         t = self.cfg.temperature
         kl, _ = fused_head_divergence(

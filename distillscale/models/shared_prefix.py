@@ -131,35 +131,54 @@ def unpack(packed: torch.Tensor, pack: PrefixPack) -> torch.Tensor:
     return packed[pack.index.to(packed.device)]
 
 
-def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor):
-    """(final hidden states [b, h] at one position per row, head weight [V, h]) with the rows'
-    shared prefix run once per group of rows (at most MAX_PACKED_TOKENS tokens a group), or
-    (None, None) where the layout does not apply. Tokens after a row's position are not run."""
-    # heavy: megatron-core, only where a Megatron model is built or run
-    from distillscale.models.megatron_gpt import hidden_and_head
+def _unpacked(tokens: torch.Tensor, n: int) -> PrefixPack:
+    """One row's first `n` tokens as they are (prefix 0, a causal mask): a group of one."""
+    index = torch.zeros(1, tokens.shape[-1], dtype=torch.long)
+    index[0, :n] = torch.arange(n)
+    return PrefixPack(tokens[None, :n], torch.arange(n),
+                      torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1), index, 0)
 
-    lengths = positions.cpu() + 1
-    tokens = tokens.cpu()
-    if tokens.shape[0] < 2 or not layout_supported(model):
-        return None, None
+
+def pack_groups(tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int | None = None,
+                min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, int, PrefixPack]] | None:
+    """Consecutive groups of rows `[start, end)`, each packed (`pack_batch`) into at most
+    `max_tokens` tokens (default MAX_PACKED_TOKENS; a row longer than that is a group of its
+    own, run as it is), or None when the rows share fewer than `min_prefix` tokens. Bounds the
+    packed sequences' attention scores, which grow with the square of their length: a batch of
+    long CoT rows packed whole would hold far more of them than the batch does."""
+    tokens, lengths = tokens.cpu(), lengths.cpu()
     p = shared_prefix(tokens, lengths)
-    if p < MIN_SHARED_PREFIX:
-        return None, None
-    out, weight, start = [], None, 0
-    while start < len(lengths):
+    if p < min_prefix:
+        return None
+    cap = MAX_PACKED_TOKENS if max_tokens is None else max_tokens
+    groups, start, b = [], 0, len(lengths)
+    while start < b:
         end, size = start, p
-        while end < len(lengths) and (end == start or size + lengths[end] - p
-                                      <= MAX_PACKED_TOKENS):
+        while end < b and (end == start or size + int(lengths[end]) - p <= cap):
             size += int(lengths[end]) - p
             end += 1
         pack = pack_batch(tokens[start:end], lengths[start:end], min_prefix=p)
-        if pack is None:  # a lone row: run as it is
-            n = int(lengths[start])
-            pack = PrefixPack(tokens[start:start + 1, :n], torch.arange(n),
-                             torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1),
-                             torch.arange(n)[None], 0)
+        groups.append((start, end, pack or _unpacked(tokens[start], int(lengths[start]))))
+        start = end
+    return groups
+
+
+def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor):
+    """(final hidden states [b, h] at one position per row, head weight [V, h]) with the rows'
+    shared prefix run once per group of rows (`pack_groups`), or (None, None) where the layout
+    does not apply. Tokens after a row's position are not run."""
+    # heavy: megatron-core, only where a Megatron model is built or run
+    from distillscale.models.megatron_gpt import hidden_and_head
+
+    if tokens.shape[0] < 2 or not layout_supported(model):
+        return None, None
+    lengths = positions.cpu() + 1
+    groups = pack_groups(tokens, lengths)
+    if groups is None:
+        return None, None
+    out, weight = [], None
+    for start, end, pack in groups:
         hidden, weight = packed_forward(model, pack, output_processor=hidden_and_head)
         at = pack.index[torch.arange(end - start), lengths[start:end] - 1]
         out.append(hidden[:, 0][at.to(hidden.device)])
-        start = end
     return torch.cat(out), weight

@@ -228,17 +228,21 @@ def test_fused_head_run_follows_the_logits_run(megatron, tmp_path, tied, kind):
     _logits_and_fused_runs(arch, small, Encoder(), ROWS, tmp_path, kind)
 
 
+@pytest.mark.parametrize("cap", [1024, 63])
 def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, cap):
     """Rows sharing a 24-token prompt prefix: `fused_head` runs it once per batch as a packed
-    sequence (`models/shared_prefix.py`) and still follows the ModelOpt logits run (which runs
-    the batch as it is) step by step."""
+    sequence (`models/shared_prefix.py`; with a 63-token cap, once per group of 3 rows, the
+    16th row alone) and
+    still follows the ModelOpt logits run (which runs the batch as it is) step by step."""
     from test_cache_kd import ARCH, ROWS, SMALL, Encoder
 
     import distillscale.distill.fused_kd as fk
+    import distillscale.models.shared_prefix as sp
     from distillscale.tokenizer import EncodedBatch
 
     seq, prefix, answer = 40, 24, 36
+    own = answer + 1 - prefix  # each row's own tokens up to its answer position
 
     class PrefixEncoder(Encoder):
         def encode(self, rows, depth=None):
@@ -255,13 +259,22 @@ def test_fused_head_run_with_a_shared_prefix_follows_the_logits_run(megatron, tm
                                 torch.zeros(n, dtype=torch.long),
                                 trace_len=torch.full((n,), 8, dtype=torch.long))
 
-    packed = []
-    real_pack = fk.pack_batch
-    monkeypatch.setattr(fk, "pack_batch", lambda *a, **k: packed.append(real_pack(*a, **k))
-                        or packed[-1])
+    monkeypatch.setattr(sp, "MAX_PACKED_TOKENS", cap)
+    calls = []
+    real = fk.pack_groups
+    monkeypatch.setattr(fk, "pack_groups", lambda *a, **k: calls.append(real(*a, **k))
+                        or calls[-1])
     arch, small = (a.model_copy(update={"seq_length": seq}) for a in (ARCH, SMALL))
     runs = _logits_and_fused_runs(arch, small, PrefixEncoder(), ROWS, tmp_path, "forward_kl")
-    assert len(packed) == 4 and all(p is not None and p.prefix == prefix for p in packed)
-    packed_len = prefix + 16 * (answer + 1 - prefix)  # 16 rows a batch
-    assert packed[0].tokens.shape[1] == packed_len
-    assert [h["forward_tokens"] for h in runs["fused_head"]] == [packed_len] * 4
+    per_group = 16 if cap == 1024 else (cap - prefix) // own  # 16 rows a batch
+    groups = -(-16 // per_group)
+    assert len(calls) == 4 and all(len(g) == groups for g in calls)
+    assert [e - s for s, e, _p in calls[0]] == [per_group] * (16 // per_group) + (
+        [16 % per_group] if 16 % per_group else [])
+    # Groups of several rows share at least the 24 prefix tokens; a lone row runs as it is.
+    assert all(p.prefix >= prefix if e - s > 1 else p.prefix == 0
+               for g in calls for s, e, p in g)
+    if cap == 1024:
+        assert calls[0][0][2].tokens.shape[1] == prefix + 16 * own
+    assert [h["forward_tokens"] for h in runs["fused_head"]] == [
+        sum(p.tokens.shape[1] for _s, _e, p in g) for g in calls]

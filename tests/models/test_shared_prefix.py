@@ -105,6 +105,8 @@ def test_logits_at_with_a_shared_prefix_equals_the_batch(megatron, monkeypatch, 
     got = logits_at(model, tokens, positions)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     assert [c.prefix for c in calls] == ([20] if max_tokens == 1024 else [20, 0])
+    if max_tokens != 1024:  # the lone row ran as it is
+        assert calls[1].tokens.shape == (1, int(positions[4]) + 1)
     model.zero_grad(set_to_none=True)
     logits_at(model, tokens, positions).log_softmax(-1)[:, :30].sum().backward()
     new = {n: p.grad.clone() for n, p in model.named_parameters()}
