@@ -51,7 +51,7 @@ def main() -> None:
     settings = GenerationSettings(depths=[args.depth], max_retries=0)
 
     def timed(use_cache: bool):
-        HFBackend.MIN_SHARED_PREFIX = 16 if use_cache else 10**9
+        backend.MIN_SHARED_PREFIX = HFBackend.MIN_SHARED_PREFIX if use_cache else 10**9
         t0 = time.perf_counter()
         res = answer_at_depth(backend, adapter, parser, tax, texts, args.depth, settings)
         return time.perf_counter() - t0, res

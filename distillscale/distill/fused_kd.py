@@ -36,7 +36,13 @@ import torch.nn.functional as F
 
 from distillscale.distill.losses import KINDS, blend, per_sequence_mean
 from distillscale.models.megatron_gpt import causal_mask, hidden_and_head
-from distillscale.models.shared_prefix import layout_supported, pack_groups, packed_forward, unpack
+from distillscale.models.shared_prefix import (
+    layout_supported,
+    pack_groups,
+    packed_forward,
+    pair_cost,
+    unpack,
+)
 
 _LOG2 = math.log(2.0)
 
@@ -259,7 +265,7 @@ class FusedHeadKD:
             cols = torch.arange(used.shape[1], device=used.device)
             lengths = torch.where(used, cols, -1).amax(-1) + 1
             if bool((lengths > 0).all()):
-                groups = pack_groups(tokens, lengths)
+                groups = pack_groups(tokens, lengths, pair=pair_cost(self.student))
         self.forward_tokens = tokens.numel() if groups is None else sum(
             pack.tokens.shape[1] for _s, _e, pack in groups)
         return groups

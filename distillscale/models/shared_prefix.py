@@ -65,6 +65,7 @@ def layout_supported(model) -> bool:
 
     return (spec_name() == "local" and parallel_state.get_tensor_model_parallel_world_size() == 1
             and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            and parallel_state.get_context_parallel_world_size() == 1
             and hasattr(model, "embedding")
             and getattr(model, "position_embedding_type", None) in ("rope", "learned_absolute"))
 
@@ -139,13 +140,23 @@ def _unpacked(tokens: torch.Tensor, n: int) -> PrefixPack:
                       torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1), index, 0)
 
 
+def pair_cost(model) -> float:
+    """The cost of one attended query-key pair relative to one token through a layer's linear
+    layers: about 4h FLOPs against 2(4h^2 + 3h f), i.e. 1 / (2h + 1.5f) (h hidden, f FFN)."""
+    cfg = model.config
+    return 1.0 / (2 * cfg.hidden_size + 1.5 * cfg.ffn_hidden_size)
+
+
 def pack_groups(tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int | None = None,
-                min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, int, PrefixPack]] | None:
+                min_prefix: int = MIN_SHARED_PREFIX,
+                pair: float = 0.0) -> list[tuple[int, int, PrefixPack]] | None:
     """Consecutive groups of rows `[start, end)`, each packed (`pack_batch`) into at most
     `max_tokens` tokens (default MAX_PACKED_TOKENS; a row longer than that is a group of its
-    own, run as it is), or None when the rows share fewer than `min_prefix` tokens. Bounds the
-    packed sequences' attention scores, which grow with the square of their length: a batch of
-    long CoT rows packed whole would hold far more of them than the batch does."""
+    own, run as it is), or None when the rows share fewer than `min_prefix` tokens or the groups
+    would cost at least what the batch does. Cost: tokens + `pair` x attended pairs
+    (`pair_cost`), the batch's over its padded width. The cap bounds the packed sequences'
+    attention scores, which grow with the square of their length: a batch of long CoT rows
+    packed whole would hold far more of them than the batch does."""
     tokens, lengths = tokens.cpu(), lengths.cpu()
     p = shared_prefix(tokens, lengths)
     if p < min_prefix:
@@ -160,7 +171,9 @@ def pack_groups(tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int | N
         pack = pack_batch(tokens[start:end], lengths[start:end], min_prefix=p)
         groups.append((start, end, pack or _unpacked(tokens[start], int(lengths[start]))))
         start = end
-    return groups
+    width = tokens.shape[1]
+    packed = sum(n + pair * n * n for n in (g.tokens.shape[1] for _s, _e, g in groups))
+    return groups if packed < b * (width + pair * width * width) else None
 
 
 def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor):
@@ -173,7 +186,7 @@ def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor
     if tokens.shape[0] < 2 or not layout_supported(model):
         return None, None
     lengths = positions.cpu() + 1
-    groups = pack_groups(tokens, lengths)
+    groups = pack_groups(tokens, lengths, pair=pair_cost(model))
     if groups is None:
         return None, None
     out, weight = [], None

@@ -124,3 +124,13 @@ def test_layout_is_refused_for_other_position_embeddings(megatron):
     assert layout_supported(model)
     model.position_embedding_type = "yarn"  # its RoPE returns (table, mscale): not packed
     assert not layout_supported(model)
+
+
+def test_groups_are_refused_when_they_cost_more_than_the_batch():
+    """A short shared prefix before long rows: packed groups of rows (capped) would attend more
+    pairs than the batch, so the batch runs as it is; the same rows with cheap attention pack."""
+    from distillscale.models.shared_prefix import pack_groups
+
+    tokens, lengths = _batch(prefix=16, lengths=(60, 60, 60, 60, 60, 60, 60, 60))
+    assert pack_groups(tokens, lengths, max_tokens=400, pair=1 / 3456) is not None
+    assert pack_groups(tokens, lengths, max_tokens=400, pair=1 / 20) is None

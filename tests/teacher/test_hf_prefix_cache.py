@@ -4,6 +4,7 @@ full (greedy and sampled), on a tiny random Llama and Qwen3 with a chat template
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,3 +94,30 @@ def _batch(backend, ids, n):
             "attention_mask": torch.tensor([[1] * n + [0] * (w - len(r)) + [1] * len(r)
                                             for r in own]),
             "past_key_values": past}
+
+
+def test_prefix_cache_is_left_off_where_padding_or_a_cache_of_its_own_would_change_it():
+    """A sliding window or chunked attention counts columns (the padding between prefix and row
+    would shift what a row sees); a generation config naming its own cache is refused with a
+    passed cache by transformers. Full attention (Llama, Qwen2/3 defaults) keeps it."""
+    import transformers
+
+    from distillscale.teacher.backends.hf import prefix_cache_applies
+
+    def model(cfg, cache=None):
+        return SimpleNamespace(config=cfg,
+                               generation_config=SimpleNamespace(cache_implementation=cache))
+
+    assert prefix_cache_applies(model(transformers.LlamaConfig()))
+    assert prefix_cache_applies(model(transformers.Qwen3Config()))
+    assert prefix_cache_applies(model(transformers.MistralConfig(sliding_window=None)))
+    assert not prefix_cache_applies(model(transformers.MistralConfig(sliding_window=64)))
+    assert not prefix_cache_applies(model(transformers.Qwen2Config(
+        use_sliding_window=True, sliding_window=64, max_window_layers=0)))
+    assert not prefix_cache_applies(model(transformers.LlamaConfig(), cache="hybrid"))
+
+
+def test_backend_without_the_prefix_cache_generates_full_prompts(backend, monkeypatch):
+    monkeypatch.setattr(backend, "share_prefix", False)
+    monkeypatch.setattr(backend, "_prefix_cache", lambda p: pytest.fail("cache used"))
+    assert len(backend.complete(_prompts(backend), 3)) == 5

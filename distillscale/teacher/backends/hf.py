@@ -26,6 +26,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.vocab_size = self.model.config.vocab_size
+        self.share_prefix = prefix_cache_applies(self.model)
 
     def _ids(self, prompt: str) -> list[int]:
         # The chat template already wrote every special token (bos included).
@@ -39,7 +40,7 @@ class HFBackend:
         """The KV cache of `prefix` (batch 1): computed once per `complete` call and copied
         into every batch's generation."""
         ids = torch.tensor([prefix], device=self.device)
-        return self.model(input_ids=ids, use_cache=True).past_key_values
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
     @torch.no_grad()
     def complete(self, prompts: list[str], max_tokens: int, stop: list[str] | None = None,
@@ -58,7 +59,8 @@ class HFBackend:
         specials = {tok.pad_token_id, tok.eos_token_id}
         encoded = [self._ids(p) for p in prompts]
         shared = shared_prefix_length(encoded)
-        prefix = encoded[0][:shared] if shared >= self.MIN_SHARED_PREFIX else []
+        prefix = encoded[0][:shared] if (self.share_prefix
+                                         and shared >= self.MIN_SHARED_PREFIX) else []
         cache = self._prefix_cache(prefix) if prefix else None
         for i in range(0, len(encoded), self.batch_size):
             enc = [e[len(prefix):] for e in encoded[i : i + self.batch_size]]
@@ -125,6 +127,21 @@ class HFBackend:
                                 logprobs=top.values[j, :n].cpu().numpy().astype(np.float32),
                                 **extra))
         return out
+
+
+def prefix_cache_applies(model) -> bool:
+    """Whether `complete` may generate from a shared-prefix cache on `model`: not where the
+    padding it puts between the prefix and a row's own tokens would change what the row sees
+    (a sliding window or chunked attention counts columns, not positions), nor where the model's
+    generation config names a cache of its own (transformers refuses a cache passed with it)."""
+    cfg = model.config
+    text = getattr(cfg, "get_text_config", lambda: cfg)()
+    windowed = (getattr(text, "sliding_window", None) is not None
+                and getattr(text, "use_sliding_window", True) is not False)
+    chunked = getattr(text, "attention_chunk_size", None) is not None
+    layered = "sliding_attention" in (getattr(text, "layer_types", None) or [])
+    own_cache = getattr(model.generation_config, "cache_implementation", None) is not None
+    return not (windowed or chunked or layered or own_cache)
 
 
 def shared_prefix_length(sequences: list[list[int]]) -> int:
