@@ -16,6 +16,7 @@ import torch.distributed as dist
 from distillscale.compat.cpu import activate, cuda_available, real_transformer_engine
 from distillscale.config import ModelArch
 from distillscale.models.shape import arch_params  # noqa: F401  (re-exported)
+from distillscale.models.shared_prefix import hidden_at_shared_prefix
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 0) -> None:
@@ -230,9 +231,7 @@ def logits_at(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     if (parallel_state.get_tensor_model_parallel_world_size() > 1 or head is None
             or head.bias is not None or getattr(model.config, "use_mup", False)):
         return forward_logits(model, tokens)[rows, positions]
-    from distillscale.models.shared_prefix import hidden_at_shared_prefix
-
-    hidden, weight = hidden_at_shared_prefix(model, tokens, positions)
+    hidden, weight = hidden_at_shared_prefix(model, tokens, positions, hidden_and_head)
     if hidden is not None:  # rows sharing a prompt prefix: it ran once per group of rows
         return hidden @ weight.T
     b, s = tokens.shape

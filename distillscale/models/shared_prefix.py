@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distillscale.compat.cpu import real_transformer_engine
+
 # A shared prefix shorter than this saves too little to be worth a packed forward.
 MIN_SHARED_PREFIX = 16
 # Rows are packed in groups of at most this many tokens: the mask and the attention scores
@@ -61,9 +63,9 @@ def layout_supported(model) -> bool:
     # heavy: megatron-core, only where a Megatron model is built or run
     from megatron.core import parallel_state
 
-    from distillscale.models.megatron_gpt import spec_name
-
-    return (spec_name() == "local" and parallel_state.get_tensor_model_parallel_world_size() == 1
+    # `megatron_gpt.build_gpt` builds the local spec wherever the real transformer-engine is not.
+    return (not real_transformer_engine()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
             and parallel_state.get_pipeline_model_parallel_world_size() == 1
             and parallel_state.get_context_parallel_world_size() == 1
             and hasattr(model, "embedding")
@@ -176,13 +178,12 @@ def pack_groups(tokens: torch.Tensor, lengths: torch.Tensor, max_tokens: int | N
     return groups if packed < b * (width + pair * width * width) else None
 
 
-def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor):
+def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor,
+                            output_processor):
     """(final hidden states [b, h] at one position per row, head weight [V, h]) with the rows'
     shared prefix run once per group of rows (`pack_groups`), or (None, None) where the layout
-    does not apply. Tokens after a row's position are not run."""
-    # heavy: megatron-core, only where a Megatron model is built or run
-    from distillscale.models.megatron_gpt import hidden_and_head
-
+    does not apply. Tokens after a row's position are not run. `output_processor`: the hook
+    that hands over the hidden states [s, b, h] and head weight (`megatron_gpt.hidden_and_head`)."""
     if tokens.shape[0] < 2 or not layout_supported(model):
         return None, None
     lengths = positions.cpu() + 1
@@ -191,7 +192,7 @@ def hidden_at_shared_prefix(model, tokens: torch.Tensor, positions: torch.Tensor
         return None, None
     out, weight = [], None
     for start, end, pack in groups:
-        hidden, weight = packed_forward(model, pack, output_processor=hidden_and_head)
+        hidden, weight = packed_forward(model, pack, output_processor=output_processor)
         at = pack.index[torch.arange(end - start), lengths[start:end] - 1]
         out.append(hidden[:, 0][at.to(hidden.device)])
     return torch.cat(out), weight
