@@ -20,7 +20,6 @@ confusion-matrix cell) gets a percentile-bootstrap 95% CI from the same resample
 from __future__ import annotations
 
 import copy
-import os
 import re
 import sys
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from distillscale.models.megatron_gpt import forward_logits, logits_at
+from distillscale.models.shared_prefix import common_prefix_length as _common_prefix
 from distillscale.tokenizer import PromptEncoder
 
 
@@ -136,13 +136,6 @@ def class_scores_full(model, encoder, rows: list[dict], batch_size: int = 16) ->
 
 # Upper bound on the positions whose logits one scoring forward holds.
 MAX_SCORED_POSITIONS = 1024
-
-
-def _common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the token prefix every prompt shares (the chat template's system turn, the
-    task and the class list), at most the shortest prompt minus one token."""
-    # os.path.commonprefix compares element by element: it works on token-id lists too.
-    return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
 
 
 @torch.no_grad()

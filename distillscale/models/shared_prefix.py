@@ -23,6 +23,7 @@ returns None where the layout does not apply, and callers run the plain batch.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,15 @@ class PrefixPack:
     mask: torch.Tensor  # [1, 1, N, N] Megatron's boolean convention: True = masked
     index: torch.Tensor  # [b, s] packed index of (row, column); 0 where the column is padding
     prefix: int  # shared prefix length
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix of token-id lists, leaving every sequence at least
+    one token of its own (what a prefix KV cache leaves to run); 0 for none."""
+    if not sequences:
+        return 0
+    # os.path.commonprefix compares element by element: it works on token-id lists too.
+    return max(0, min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1))
 
 
 def shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distillscale.teacher.backends.hf import HFBackend, shared_prefix_length
+from distillscale.models.shared_prefix import common_prefix_length as shared_prefix_length
+from distillscale.teacher.backends.hf import HFBackend
 from tests.fixtures.tiny_hf import (
     build_checkpoint,
     build_tokenizer,

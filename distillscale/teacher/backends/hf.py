@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import torch
 
+from distillscale.models.shared_prefix import common_prefix_length
 from distillscale.teacher.backends.base import Completion, TopK, cut_at_stop
 
 
@@ -58,7 +59,7 @@ class HFBackend:
         tok = self.tokenizer
         specials = {tok.pad_token_id, tok.eos_token_id}
         encoded = [self._ids(p) for p in prompts]
-        shared = shared_prefix_length(encoded)
+        shared = common_prefix_length(encoded)
         prefix = encoded[0][:shared] if (self.share_prefix
                                          and shared >= self.MIN_SHARED_PREFIX) else []
         cache = self._prefix_cache(prefix) if prefix else None
@@ -143,16 +144,3 @@ def prefix_cache_applies(model) -> bool:
     own_cache = getattr(model.generation_config, "cache_implementation", None) is not None
     return not (windowed or chunked or layered or own_cache)
 
-
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """Length of the longest common prefix of `sequences`, leaving every sequence at least one
-    token of its own (generation needs one uncached input token per row)."""
-    if not sequences:
-        return 0
-    first, n = sequences[0], min(len(s) for s in sequences) - 1
-    for s in sequences[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
