@@ -59,12 +59,9 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 def shared_prefix(tokens: torch.Tensor, lengths: torch.Tensor) -> int:
     """Longest common prefix of the rows' first `lengths[i]` tokens, leaving each row at least
     one token of its own."""
-    n = int(lengths.min()) - 1
-    if n <= 0 or tokens.shape[0] < 2:
+    if tokens.shape[0] < 2:
         return 0
-    same = (tokens[:, :n] == tokens[:1, :n]).all(0)
-    differ = torch.nonzero(~same)
-    return int(differ[0]) if len(differ) else n
+    return common_prefix_length([row[:n].tolist() for row, n in zip(tokens, lengths.tolist())])
 
 
 def layout_supported(model) -> bool:
